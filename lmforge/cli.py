@@ -1,0 +1,156 @@
+"""`lmforge <command>`: one entry point whose subcommands are the lifecycle stages.
+
+Each command is a thin wrapper: it builds the stage's dataclass config from defaults, an optional `--config` file
+(TOML/YAML/JSON) and `--section.key value` overrides generated from the dataclass fields, then calls the stage's
+Python function. A user mistake (`LmforgeError`) becomes one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from lmforge.config import flat_fields, load_config
+from lmforge.errors import LmforgeError
+
+
+@dataclass(frozen=True)
+class Command:
+    """A CLI command: `path` is the command words, `target` is 'module:ConfigClass:function'."""
+
+    path: tuple[str, ...]
+    target: str
+    help: str
+    example: str
+    positionals: tuple[str, ...] = ()  # config keys that may also be given positionally, in order
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(("data", "prepare"), "lmforge.data.prepare:DataConfig:prepare_dataset",
+            "clean, deduplicate, mix, split and tokenize text into a dataset dir of token shards",
+            "lmforge data prepare --sources wordnet,kjv:0.5 --out_dir data/wn --vocab_size 4096"),
+    Command(("tokenizer", "train"), "lmforge.tokenizer:TokenizerTrainConfig:train_tokenizer",
+            "train a byte-level BPE tokenizer and report bytes per token on held-out text",
+            "lmforge tokenizer train --input stdlib-docstrings --out_dir tok --vocab_size 4096"),
+    Command(("pretrain",), "lmforge.train.pretrain:PretrainConfig:pretrain",
+            "pretrain a decoder-only transformer on a dataset dir (resumable; DDP under torchrun)",
+            "lmforge pretrain --data.dataset data/wn --model.n_layer 4 --train.max_steps 500 --out_dir runs/wn"),
+    Command(("generate",), "lmforge.infer.generate:GenerateConfig:run_generate",
+            "generate text from a model dir (lmforge or Hugging Face) with a KV cache and sampling",
+            "lmforge generate --model runs/wn/final --prompt 'a dog is' --max_new_tokens 40 --temperature 0.8"),
+    Command(("convert",), "lmforge.convert:ConvertConfig:convert",
+            "convert between an lmforge model dir and a Hugging Face dir (GPT-2, LLaMA, Qwen2, Mistral)",
+            "lmforge convert runs/wn/final hf/wn --to hf", positionals=("src", "dst")),
+    Command(("info",), "lmforge.convert:InfoConfig:model_info",
+            "print a model dir's config, parameter count and FLOPs per token",
+            "lmforge info runs/wn/final", positionals=("model",)),
+    Command(("quickstart",), "lmforge.quickstart:QuickstartConfig:quickstart",
+            "fetch WordNet, prepare it, train a tokenizer and a small LLaMA-style model, evaluate and sample",
+            "lmforge quickstart --out_dir runs/quickstart --time_budget_s 480"),
+)
+
+
+def _resolve(target: str) -> tuple[type, Callable[[Any], Any]]:
+    module_name, cls_name, fn_name = target.split(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, cls_name), getattr(module, fn_name)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union,) or type(tp).__name__ == "UnionType":
+        return "|".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin in (list, tuple):
+        return "comma-separated list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _add_config_options(parser: argparse.ArgumentParser, cfg_cls: type, positionals: Sequence[str]) -> None:
+    parser.add_argument("--config", metavar="FILE", default=None, help="TOML, YAML or JSON config file")
+    for key in positionals:
+        parser.add_argument(f"_pos_{key}", metavar=key.upper(), nargs="?", default=None, help=f"same as --{key}")
+    for key, tp, default in flat_fields(cfg_cls):
+        is_bool = tp is bool or tp == typing.Optional[bool]
+        shown = "" if default in (None, "", [], ()) else f", default {default}"
+        kwargs: dict[str, Any] = dict(dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar="V",
+                                      help=f"({_type_name(tp)}{shown})")
+        if is_bool:
+            kwargs.update(nargs="?", const="true")
+        names = [f"--{key}"]
+        if "_" in key:
+            names.append(f"--{key.replace('_', '-')}")
+        parser.add_argument(*names, **kwargs)
+
+
+def _overview() -> str:
+    width = max(len(" ".join(c.path)) for c in COMMANDS)
+    lines = ["usage: lmforge COMMAND [options]   (lmforge COMMAND --help for a command's options)", "",
+             "lmforge: raw text to a trained language model, one command per lifecycle stage.", "", "commands:"]
+    lines += [f"  {' '.join(c.path):<{width}}  {c.help}" for c in COMMANDS]
+    lines += ["", "Every option can also be set in a --config FILE (TOML, YAML or JSON).",
+              "Add --traceback to any command to see the full traceback of an error."]
+    return "\n".join(lines)
+
+
+def find_command(argv: Sequence[str]) -> tuple[Command | None, list[str]]:
+    """The command named by the leading words of `argv`, and the remaining arguments."""
+    for cmd in sorted(COMMANDS, key=lambda c: -len(c.path)):
+        if tuple(argv[: len(cmd.path)]) == cmd.path:
+            return cmd, list(argv[len(cmd.path):])
+    return None, list(argv)
+
+
+def build_parser(cmd: Command) -> argparse.ArgumentParser:
+    """The parser of one command; only this command's module is imported (keeps `--help` fast)."""
+    parser = argparse.ArgumentParser(prog=f"lmforge {' '.join(cmd.path)}",
+                                     description=f"{cmd.help}.\n\nexample:\n  {cmd.example}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    cfg_cls, _ = _resolve(cmd.target)
+    _add_config_options(parser, cfg_cls, cmd.positionals)
+    return parser
+
+
+def run_command(cmd: Command, args: argparse.Namespace) -> Any:
+    cfg_cls, fn = _resolve(cmd.target)
+    values = vars(args)
+    overrides = {k[len("cfg:"):]: v for k, v in values.items() if k.startswith("cfg:")}
+    for key in cmd.positionals:
+        if values.get(f"_pos_{key}") is not None:
+            overrides[key] = values[f"_pos_{key}"]
+    cfg = load_config(cfg_cls, values.get("config"), overrides)
+    return fn(cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd, rest = find_command(argv)
+    if cmd is None:
+        print(_overview(), file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"lmforge: error: unknown command '{' '.join(argv[:2])}'", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    args = build_parser(cmd).parse_args(rest)
+    try:
+        run_command(cmd, args)
+    except LmforgeError as exc:
+        if args.traceback or os.environ.get("LMFORGE_TRACEBACK"):
+            raise
+        message = " ".join(str(exc).split())  # one line, whatever the exception text holds
+        print(f"lmforge {' '.join(cmd.path)}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

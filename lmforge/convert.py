@@ -1,0 +1,117 @@
+"""`lmforge convert` and `lmforge info`: model dirs in and out of the Hugging Face format."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from lmforge.errors import LmforgeError
+
+TOKENIZER_FILES = ("tokenizer.json", "lmforge_tokenizer.json")
+
+
+def is_lmforge_dir(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return bool(json.loads(config.read_text()).get("lmforge_model"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def load(path: str | Path):
+    """Load a model from an lmforge model dir or a Hugging Face dir of a supported family (eval mode, CPU)."""
+    from lmforge.model import Transformer
+    from lmforge.model.hf import from_hf_dir
+
+    path = Path(path)
+    if not path.is_dir():
+        raise LmforgeError(f"model dir {path}: not found")
+    if not (path / "config.json").is_file():
+        raise LmforgeError(f"model dir {path}: no config.json (expected an lmforge or Hugging Face model dir)")
+    model = Transformer.from_dir(path) if is_lmforge_dir(path) else from_hf_dir(path)
+    return model.eval()
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def _write_hf_tokenizer_config(dst: Path) -> None:
+    """A tokenizer_config.json so that `transformers.AutoTokenizer.from_pretrained(dst)` works on an export."""
+    meta_path = dst / "lmforge_tokenizer.json"
+    if not (dst / "tokenizer.json").is_file() or not meta_path.is_file():
+        return
+    meta = json.loads(meta_path.read_text())
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    for role in ("bos_token", "eos_token", "pad_token"):
+        if meta.get(role):
+            config[role] = meta[role]
+    (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+@dataclass
+class ConvertConfig:
+    src: str = ""  # an lmforge model dir or a Hugging Face model dir
+    dst: str = ""  # the output dir (written atomically)
+    to: Literal["auto", "hf", "lmforge"] = "auto"  # auto: the other format than src's
+    family: Optional[str] = None  # HF family on export: gpt2 | llama | qwen2 | mistral (default: inferred)
+
+
+def convert(cfg: ConvertConfig) -> Path:
+    """Convert `cfg.src` to the other format in `cfg.dst`; the tokenizer files travel with the weights."""
+    from lmforge.io import atomic_path
+    from lmforge.model.hf import to_hf_dir
+
+    if not cfg.src or not cfg.dst:
+        raise LmforgeError("convert needs a source and a destination: lmforge convert SRC DST [--to hf|lmforge]")
+    src, dst = Path(cfg.src), Path(cfg.dst)
+    if src.resolve() == dst.resolve():
+        raise LmforgeError(f"convert: destination {dst} is the source; choose another dir")
+    to = cfg.to if cfg.to != "auto" else ("hf" if is_lmforge_dir(src) else "lmforge")
+    model = load(src)
+    with atomic_path(dst) as tmp:
+        if to == "hf":
+            to_hf_dir(model, tmp, family=cfg.family)
+        else:
+            model.save(tmp)
+        copy_tokenizer_files(src, tmp)
+        if to == "hf":
+            _write_hf_tokenizer_config(tmp)
+    print(f"converted {src} -> {dst} ({to} format, {model.num_parameters():,} parameters)")
+    return dst
+
+
+@dataclass
+class InfoConfig:
+    model: str = ""  # a model dir (lmforge or Hugging Face)
+    seq_len: int = 0  # sequence length for the FLOPs count (0 = the model's block_size)
+
+
+def model_info(cfg: InfoConfig) -> dict[str, Any]:
+    """Print and return the config, parameter counts and training FLOPs per token of a model dir."""
+    if not cfg.model:
+        raise LmforgeError("info needs a model dir: lmforge info MODEL_DIR")
+    model = load(cfg.model)
+    seq_len = cfg.seq_len or model.config.block_size
+    info = {
+        "config": model.config.to_dict(),
+        "parameters": model.num_parameters(),
+        "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
+        "flops_per_token": model.flops_per_token(seq_len),
+        "seq_len": seq_len,
+    }
+    for key, value in info["config"].items():
+        print(f"{key:>16}: {value}")
+    print(f"{'parameters':>16}: {info['parameters']:,} ({info['non_embedding_parameters']:,} non-embedding)")
+    print(f"{'FLOPs/token':>16}: {info['flops_per_token']:.4g} (training, fwd+bwd, at seq_len {seq_len})")
+    return info

@@ -1,0 +1,95 @@
+"""Config loading: defaults < file < overrides; unknown keys and wrong types are errors naming the key."""
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from lmforge.config import apply_overrides, build_config, flat_fields, load_config
+from lmforge.errors import ConfigError
+from lmforge.model.config import ModelConfig
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    steps: int = 10
+    schedule: Literal["cosine", "wsd"] = "cosine"
+
+
+@dataclass
+class Outer:
+    name: str = "run"
+    compile: bool = False
+    tags: list[str] = field(default_factory=list)
+    limit: Optional[int] = None
+    train: Inner = field(default_factory=Inner)
+
+
+def test_defaults_file_then_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('name = "from-file"\n[train]\nlr = 0.5\nsteps = 3\n')
+    cfg = load_config(Outer, path, {"train.steps": "7", "compile": "true", "tags": "a,b"})
+    assert cfg.name == "from-file" and cfg.train.lr == 0.5 and cfg.train.steps == 7
+    assert cfg.compile is True and cfg.tags == ["a", "b"] and cfg.limit is None
+
+
+@pytest.mark.parametrize("suffix,text", [(".yaml", "train:\n  lr: 0.25\n"), (".json", '{"train": {"lr": 0.25}}')])
+def test_yaml_and_json(tmp_path, suffix, text):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    assert load_config(Outer, path).train.lr == 0.25
+
+
+def test_unknown_key_names_the_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr'"):
+        build_config(Outer, {"train": {"lrr": 1.0}})
+
+
+@pytest.mark.parametrize("data,key", [({"train": {"steps": "ten"}}, "train.steps"), ({"compile": "maybe"}, "compile"),
+                                      ({"train": {"schedule": "linear"}}, "train.schedule"),
+                                      ({"train": 3}, "train")])
+def test_wrong_type_names_the_key(data, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        build_config(Outer, data)
+
+
+def test_optional_none_and_int_from_float_string():
+    cfg = build_config(Outer, {"limit": "none", "train": {"steps": "1e3"}})
+    assert cfg.limit is None and cfg.train.steps == 1000
+
+
+def test_bad_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(Outer, bad)
+    other = tmp_path / "c.ini"
+    other.write_text("x")
+    with pytest.raises(ConfigError, match="expected a .toml"):
+        load_config(Outer, other)
+
+
+def test_overrides_cannot_descend_into_a_value():
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"name": "x"}, {"name.sub": 1})
+
+
+def test_flat_fields_lists_leaves():
+    keys = [k for k, _, _ in flat_fields(Outer)]
+    assert keys == ["name", "compile", "tags", "limit", "train.lr", "train.steps", "train.schedule"]
+
+
+def test_model_config_derived_fields_and_errors():
+    cfg = ModelConfig(d_model=96, n_head=6, n_kv_head=2, mlp="swiglu", multiple_of=32)
+    assert cfg.head_dim == 16 and cfg.d_ff == 256 and cfg.qkv_bias is False
+    assert ModelConfig(mlp="gelu", d_model=64, n_head=4).d_ff == 256
+    with pytest.raises(ConfigError, match="n_kv_head"):
+        ModelConfig(n_head=4, n_kv_head=3)
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        ModelConfig.preset("nope")
+    llama = ModelConfig.preset("tiny-llama", vocab_size=300)
+    assert llama.vocab_size == 300 and llama.positions == "rope" and llama.n_kv_head == 2
+    assert ModelConfig.from_dict(llama.to_dict()) == llama
