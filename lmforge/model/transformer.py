@@ -1,0 +1,331 @@
+"""Transformer: one configurable decoder-only language model, built from a ModelConfig.
+
+GPT-2 (learned positions, LayerNorm, gelu_tanh, biases, tied embeddings) and LLaMA (RoPE, RMSNorm, SwiGLU, no
+bias, untied) are two settings of the same class; Qwen2 adds q/k/v biases, Mistral is LLaMA. Heads: MHA, GQA and
+MQA through `n_kv_head`. Attention is torch's scaled_dot_product_attention.
+
+Norm placement:
+  pre  (GPT-2, LLaMA):             x = x + attn(norm(x));  x = x + mlp(norm(x));  final norm before the head.
+  post (original Transformer/BERT): x = norm(x + attn(x)); x = norm(x + mlp(x));  no final norm (the last
+                                    sublayer already ends with one).
+
+State-dict names (the on-disk format of model.safetensors; lm_head.weight is absent when embeddings are tied):
+  tok_emb.weight (V, d)                      pos_emb.weight (block_size, d)      [learned positions only]
+  blocks.{i}.attn_norm.{weight,bias}         blocks.{i}.mlp_norm.{weight,bias}   [bias: layernorm with bias only]
+  blocks.{i}.attn.qkv.{weight,bias}          ((n_head + 2 n_kv_head) head_dim, d), rows [q; k; v]
+  blocks.{i}.attn.proj.{weight,bias}         (d, n_head head_dim)
+  blocks.{i}.mlp.up.{weight,bias}            (d_ff, d), or (2 d_ff, d) rows [gate; up] for swiglu/geglu
+  blocks.{i}.mlp.down.{weight,bias}          (d, d_ff)
+  norm.{weight,bias}                         [pre-LN only]
+  lm_head.weight (V, d)                      [untied only]
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.errors import LmforgeError, PromptTooLongError
+from lmforge.model.config import ModelConfig
+from lmforge.model.kv_cache import KVCache
+
+# torch >= 2.5 repeats K/V heads inside SDPA; older versions need an explicit repeat_interleave.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 like HF LLaMA."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (max_len, head_dim) for rotary positions, in HF's layout: angles repeated [f; f]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (max_len, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, H, T, head_dim) by cos/sin (B, 1, T, head_dim); pairs are (i, i + head_dim/2) (rotate_half)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Causal self-attention with a fused q/k/v projection and n_kv_head <= n_head key/value heads."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_size, self.kv_size = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(self.q_size, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]], mask: Optional[Tensor], is_causal: bool,
+                kv_cache: Optional[KVCache]) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)  # (B, n_kv_head, S, head_dim)
+        gqa = {}
+        if self.n_kv_head != self.n_head:
+            if _SDPA_HAS_GQA:
+                gqa = {"enable_gqa": True}
+            else:
+                k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, S, head_dim)
+                v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0, **gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.q_size)  # (B, T, n_head * head_dim)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    """down(act(up(x))), or down(act(gate(x)) * up(x)) for gated MLPs with gate/up fused into one matrix."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gated = cfg.gated_mlp
+        self.up = nn.Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_ff, bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.act = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu,
+                    "swiglu": F.silu, "geglu": F.gelu}[cfg.mlp]
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)  # each (B, T, d_ff)
+            return self.down(self.act(gate) * up)
+        return self.down(self.act(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.pre_norm = cfg.norm_placement == "pre"
+        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg, layer)
+        self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]], mask: Optional[Tensor], is_causal: bool,
+                kv_cache: Optional[KVCache]) -> Tensor:
+        if self.pre_norm:
+            x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, is_causal, kv_cache))
+            return x + self.drop(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + self.drop(self.attn(x, rope, mask, is_causal, kv_cache)))
+        return self.mlp_norm(x + self.drop(self.mlp(x)))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model. See the module docstring for the layout and the state-dict names."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.positions == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.positions == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 init: N(0, init_std) weights, zero biases, residual projections scaled by 1/sqrt(2 n_layer)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.down):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    # ---- forward -------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None) -> Tensor:
+        """Logits (B, T, vocab_size) in the compute dtype.
+
+        input_ids (B, T). position_ids (B, T), default past + arange(T) where past = kv_cache.length (0 without a
+        cache); explicit position ids are not range-checked. attention_mask (B, past + T), True = real token,
+        covers cached and new keys. With a cache, new keys/values are written at [past, past + T) and
+        kv_cache.length advances by T.
+        """
+        return self.lm_head(self.hidden_states(input_ids, position_ids, attention_mask, kv_cache))
+
+    def hidden_states(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
+                      attention_mask: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None) -> Tensor:
+        """The last layer's output (B, T, d_model) after the final norm, before the LM head (for value heads)."""
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is not None and B != kv_cache.batch_size:
+            raise ValueError(f"input batch size {B} does not match the KV cache's {kv_cache.batch_size}")
+        if kv_cache is not None and past + T > kv_cache.max_len:
+            raise PromptTooLongError(f"{past} cached + {T} new positions exceed the KV cache's max_len "
+                                     f"{kv_cache.max_len}")
+        if position_ids is None:
+            if past + T > self.config.block_size:
+                raise PromptTooLongError(f"{past + T} positions exceed the model's block_size "
+                                         f"{self.config.block_size}")
+            position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)  # (1, T)
+        mask, is_causal = self._attention_mask(attention_mask, past, T, input_ids.device)
+
+        x = self.tok_emb(input_ids)  # (B, T, d_model)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(position_ids)
+        else:
+            rope = (self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1))  # (B,1,T,hd)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, mask, is_causal, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.norm(x)
+
+    @staticmethod
+    def _attention_mask(attention_mask: Optional[Tensor], past: int, T: int,
+                        device: torch.device) -> tuple[Optional[Tensor], bool]:
+        """(mask, is_causal) for SDPA. mask is boolean (B, 1, T, past + T) or (T, past + T), True = may attend.
+
+        The fast paths pass no mask: is_causal when queries and keys align, nothing for one new token.
+        """
+        if attention_mask is None and past == 0:
+            return None, True
+        if attention_mask is None and T == 1:
+            return None, False
+        S = past + T
+        query_pos = torch.arange(past, S, device=device).unsqueeze(1)  # (T, 1)
+        key_pos = torch.arange(S, device=device).unsqueeze(0)  # (1, S)
+        allowed = key_pos <= query_pos  # (T, S)
+        if attention_mask is not None:
+            if attention_mask.shape[-1] != S:
+                raise ValueError(f"attention_mask must cover {S} key positions (cached + new), "
+                                 f"got shape {tuple(attention_mask.shape)}")
+            allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+            # A padding query would see no key at all and SDPA would return NaN, which then leaks through
+            # 0 * NaN into real rows of later layers; letting it see itself keeps it finite (and unused).
+            allowed = allowed | (key_pos == query_pos)
+        return allowed, False
+
+    # ---- accounting ------------------------------------------------------------------------------------------
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (tied weights once); exclude_embeddings drops token and position tables.
+
+        With tied embeddings the shared matrix counts as an embedding; an untied lm_head is never excluded.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+            n -= self.pos_emb.weight.numel() if self.pos_emb is not None else 0
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward) at context seq_len, PaLM/nanoGPT convention:
+
+            6 * N + 12 * n_layer * (n_head * head_dim) * seq_len
+
+        N counts every weight that is multiplied by an activation: all non-embedding parameters plus the LM
+        head matrix (V * d, also when tied); embedding lookups are free. The second term is attention's
+        QK^T and AV matmuls (2 FLOPs per multiply-add, x3 for backward) over the full, unmasked context.
+        """
+        cfg = self.config
+        tied_head = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0  # an untied head is already counted
+        n = self.num_parameters(exclude_embeddings=True) + tied_head
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+    def new_kv_cache(self, batch_size: int, max_len: int, device: Optional[torch.device | str] = None,
+                     dtype: Optional[torch.dtype] = None) -> KVCache:
+        """An empty KVCache for this model; device and dtype default to the model's."""
+        weight = self.tok_emb.weight
+        return KVCache(self.config.n_layer, batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
+                       device=device or weight.device, dtype=dtype or weight.dtype)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Shorthand for lmforge.infer.generate.generate(self, *args, **kwargs)."""
+        from lmforge.infer.generate import generate
+
+        return generate(self, *args, **kwargs)
+
+    # ---- persistence -----------------------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> None:
+        """Write config.json and model.safetensors into `directory`, each atomically; tied weights saved once."""
+        from safetensors.torch import save_file
+
+        from lmforge.io import atomic_path
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            del state["lm_head.weight"]
+        with atomic_path(directory / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        self.config.save(directory / CONFIG_FILE)
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, device: Optional[torch.device | str] = None) -> "Transformer":
+        """Load a model dir written by `save`. Raises LmforgeError if a file is missing or does not match."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise LmforgeError(f"{directory / name} not found: expected an lmforge model dir "
+                                   f"({CONFIG_FILE} + {WEIGHTS_FILE})")
+        model = cls(ModelConfig.load(directory / CONFIG_FILE))
+        model.load_weights(load_file(str(directory / WEIGHTS_FILE)), source=str(directory / WEIGHTS_FILE))
+        return model.to(device) if device is not None else model
+
+    def load_weights(self, state: dict[str, Tensor], source: str = "state dict") -> None:
+        """Copy an lmforge state dict (lm_head.weight optional when tied) into the model, checking names and shapes."""
+        state = dict(state)
+        if self.config.tie_embeddings:
+            state.pop("lm_head.weight", None)
+            state["lm_head.weight"] = state.get("tok_emb.weight")
+        expected = self.state_dict()
+        missing = sorted(k for k in expected if state.get(k) is None)
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(k for k in expected if k not in missing and state[k].shape != expected[k].shape)
+        if missing or unexpected or wrong:
+            details = "; ".join(f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}" for what, keys in
+                                (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
+            raise LmforgeError(f"{source} does not match the model config ({details})")
+        self.load_state_dict(state)
