@@ -1,0 +1,78 @@
+"""The CLI: dispatch, help, config files and overrides, one-line errors with exit code 2, convert and info."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmforge.cli import COMMANDS, main
+from lmforge.convert import load
+from lmforge.model import ModelConfig, Transformer
+
+
+def _tiny_model(tmp_path, preset="tiny-llama"):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset, vocab_size=97, block_size=32))
+    model.save(tmp_path / "model")
+    return model, tmp_path / "model"
+
+
+def test_overview_and_unknown_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in COMMANDS:
+        assert " ".join(cmd.path) in out
+    assert main(["fly"]) == 2
+    assert "unknown command 'fly'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c.path))
+def test_every_command_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*cmd.path, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "example:" in out and cmd.example.split()[0] == "lmforge"
+
+
+def test_info_prints_parameters(tmp_path, capsys):
+    model, path = _tiny_model(tmp_path)
+    assert main(["info", str(path)]) == 0
+    assert f"{model.num_parameters():,}" in capsys.readouterr().out
+
+
+def test_convert_round_trip_through_hugging_face(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, path = _tiny_model(tmp_path)
+    hf_dir, back_dir = tmp_path / "hf", tmp_path / "back"
+    assert main(["convert", str(path), str(hf_dir), "--to", "hf"]) == 0
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    assert main(["convert", str(hf_dir), str(back_dir)]) == 0
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        ref = model.eval()(ids)
+        assert torch.allclose(hf_model(ids).logits, ref, atol=1e-4)
+        assert torch.allclose(load(back_dir)(ids), ref, atol=1e-4)
+
+
+def test_user_errors_are_one_line_exit_2(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not found" in err and "Traceback" not in err
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("bogus = 1\n")
+    assert main(["convert", "--config", str(cfg)]) == 2
+    assert "unknown config key 'bogus'" in capsys.readouterr().err
+
+
+def test_convert_refuses_to_overwrite_its_source(tmp_path, capsys):
+    _, path = _tiny_model(tmp_path)
+    assert main(["convert", str(path), str(path)]) == 2
+    assert "is the source" in capsys.readouterr().err
+    assert load(path) is not None
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "lmforge", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "pretrain" in result.stdout
