@@ -1,0 +1,400 @@
+"""Byte-level BPE tokenizer (Hugging Face `tokenizers`): train, save, load, encode, decode, chat template.
+
+Text is split by a GPT-4-style regex (letters, 1-2 digit numbers, punctuation runs, whitespace), each piece is
+mapped to bytes (the 256 byte tokens are always in the vocabulary, so there is no unknown token), and BPE merges
+are learned on those bytes. decode(encode(s)) == s for every valid Unicode string: nothing is normalized,
+stripped or prefixed. A `str` holding a lone surrogate is not valid Unicode and is a DataError.
+
+Special tokens take the lowest ids, in this order: <|bos|> <|eos|> <|pad|> <|system|> <|user|> <|assistant|> <|end|>
+<|reserved_0|> ... <|reserved_7|>. Inside ordinary text they are NOT special: `encode("<|eos|>")` gives the ids of
+the seven characters, so documents and user messages can never inject control tokens. Pass `allow_special=True`
+to turn the exact strings into their ids (for trusted, templated text).
+
+Chat format (`lmforge-chat-v1`): each message is `<|role|>content<|end|>`, messages concatenated with nothing in
+between; `add_generation_prompt` appends `<|assistant|>`. `encode_chat` builds the ids with role tokens as
+specials and contents as plain text, the safe way to tokenize a conversation.
+
+A tokenizer dir holds `tokenizer.json` (HF format) and `lmforge_tokenizer.json` (special tokens, chat template,
+fingerprint = sha256 of the tokenizer.json bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from lmforge.data.sources import SourceConfig
+from lmforge.errors import ConfigError, DataError, TokenizerMismatchError
+from lmforge.io import atomic_write_bytes, atomic_write_json
+
+# GPT-4 (cl100k) split pattern with numbers in runs of at most two digits, as nanochat uses for small vocabularies.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+_SPECIAL_NAMES = ["bos", "eos", "pad", "system", "user", "assistant", "end", *(f"reserved_{i}" for i in range(8))]
+DEFAULT_SPECIAL_TOKENS: dict[str, str] = {name: f"<|{name}|>" for name in _SPECIAL_NAMES}
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_TEMPLATE = (
+    "lmforge-chat-v1: for each message '<|{role}|>' + content + '<|end|>' (roles system, user, assistant; "
+    "nothing between messages); add_generation_prompt appends '<|assistant|>'"
+)
+TOKENIZER_FILE = "tokenizer.json"
+LMFORGE_FILE = "lmforge_tokenizer.json"
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer with named special tokens; see the module docstring for the contract."""
+
+    def __init__(self, tokenizer_json: str, special_tokens: dict[str, str], chat_template: str = CHAT_TEMPLATE):
+        """Build from the text of a HF tokenizer.json and a name -> token map (must name bos, eos and pad)."""
+        missing = [name for name in ("bos", "eos", "pad") if name not in special_tokens]
+        if missing:
+            raise ConfigError(f"special_tokens: missing {', '.join(missing)} (got {', '.join(special_tokens)})")
+        self._json = tokenizer_json
+        self._hf = HFTokenizer.from_str(tokenizer_json)
+        self._hf_special = HFTokenizer.from_str(tokenizer_json)
+        self._hf.encode_special_tokens = True  # special-token strings in text are tokenized as plain text
+        self.special_tokens = dict(special_tokens)
+        self.chat_template = chat_template
+        self.special_ids: dict[str, int] = {}
+        for name, token in self.special_tokens.items():
+            token_id = self._hf.token_to_id(token)
+            if token_id is None:
+                raise TokenizerMismatchError(f"special token {name}={token!r} is not in the vocabulary")
+            self.special_ids[name] = token_id
+        self.fingerprint = hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()
+
+    # ---- construction ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, special_tokens: dict[str, str] | None = None,
+              min_frequency: int = 2) -> "Tokenizer":
+        """Learn BPE merges on `texts` up to `vocab_size` tokens (special tokens and 256 bytes included)."""
+        special_tokens = dict(special_tokens or DEFAULT_SPECIAL_TOKENS)
+        floor = 256 + len(special_tokens)
+        if vocab_size < floor:
+            raise ConfigError(f"vocab_size: must be at least {floor} (256 bytes + {len(special_tokens)} special "
+                              f"tokens), got {vocab_size}")
+        if min_frequency < 1:
+            raise ConfigError(f"min_frequency: must be >= 1, got {min_frequency}")
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+            special_tokens=list(special_tokens.values()),  # listed first, so they get ids 0..n-1
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf.to_str(), special_tokens)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+        """Load a tokenizer dir written by `save` (DataError naming the path if it is missing or malformed)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise DataError(f"tokenizer dir {directory}: not found")
+        tokenizer_json = _read_text(directory / TOKENIZER_FILE)
+        meta_path = directory / LMFORGE_FILE
+        meta = _read_json(meta_path, hint="use Tokenizer.from_hf for a plain Hugging Face tokenizer")
+        special = meta.get("special_tokens") if isinstance(meta, dict) else None
+        if not isinstance(special, dict) or not {"bos", "eos", "pad"} <= special.keys():
+            raise DataError(f"{meta_path}: expected an object with 'special_tokens' naming bos, eos and pad")
+        tokenizer = cls(_checked_hf_json(tokenizer_json, directory / TOKENIZER_FILE), special,
+                        meta.get("chat_template", CHAT_TEMPLATE))
+        if meta.get("fingerprint") not in (None, tokenizer.fingerprint):
+            raise TokenizerMismatchError(f"{meta_path}: fingerprint does not match {directory / TOKENIZER_FILE} "
+                                         "(tokenizer.json was changed after it was saved)")
+        return tokenizer
+
+    @classmethod
+    def from_hf(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load a plain HF `tokenizer.json` (a file, or a dir holding one).
+
+        bos/eos/pad come from a sibling `tokenizer_config.json` when present, else from well-known names
+        (<|endoftext|>, </s>, <|eos|>, ...); bos and pad fall back to eos. Round trips are exact only if the
+        HF tokenizer itself is lossless (byte-level, no normalizer).
+        """
+        path = Path(path)
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        text = _checked_hf_json(_read_text(file), file)
+        vocab = HFTokenizer.from_str(text).get_vocab(with_added_tokens=True)
+        config_path = file.parent / "tokenizer_config.json"
+        config = _read_json(config_path) if config_path.is_file() else {}
+        special: dict[str, str] = {}
+        for name, candidates in (("eos", ("<|endoftext|>", "</s>", "<|eos|>", "<eos>", "<|end_of_text|>")),
+                                 ("bos", ("<|bos|>", "<s>", "<bos>", "<|begin_of_text|>")),
+                                 ("pad", ("<|pad|>", "<pad>"))):
+            configured = config.get(f"{name}_token") if isinstance(config, dict) else None
+            if isinstance(configured, dict):
+                configured = configured.get("content")
+            found = [configured] if isinstance(configured, str) else [c for c in candidates if c in vocab]
+            if found and found[0] in vocab:
+                special[name] = found[0]
+        if "eos" not in special:
+            raise DataError(f"{file}: cannot tell the end-of-text token (no tokenizer_config.json eos_token and "
+                            "none of <|endoftext|>, </s>, <|eos|>, <eos> in the vocabulary)")
+        special.setdefault("bos", special["eos"])
+        special.setdefault("pad", special["eos"])
+        return cls(text, special)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write tokenizer.json and lmforge_tokenizer.json into `directory`, each atomically."""
+        directory = Path(directory)
+        atomic_write_bytes(directory / TOKENIZER_FILE, self._json.encode("utf-8"))
+        atomic_write_json(directory / LMFORGE_FILE, {
+            "special_tokens": self.special_tokens,
+            "bos_token": self.special_tokens["bos"],
+            "eos_token": self.special_tokens["eos"],
+            "pad_token": self.special_tokens["pad"],
+            "chat_template": self.chat_template,
+            "fingerprint": self.fingerprint,
+        })
+
+    # ---- properties ------------------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included."""
+        return self._hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_ids["bos"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_ids["eos"]
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_ids["pad"]
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint[:12]})"
+
+    # ---- encode / decode -------------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`, optionally framed by bos/eos; special-token strings are plain text by default."""
+        hf = self._hf_special if allow_special else self._hf
+        try:
+            ids = hf.encode(text, add_special_tokens=False).ids
+        except (TypeError, UnicodeEncodeError, ValueError):
+            raise DataError(_invalid_text(text)) from None
+        return self._frame(ids, add_bos, add_eos)
+
+    def encode_batch(self, texts: list[str], add_bos: bool = False, add_eos: bool = False,
+                     allow_special: bool = False) -> list[list[int]]:
+        """`encode` of each text, run in parallel by `tokenizers`."""
+        hf = self._hf_special if allow_special else self._hf
+        try:
+            encodings = hf.encode_batch(list(texts), add_special_tokens=False)
+        except (TypeError, UnicodeEncodeError, ValueError):
+            raise DataError(next((_invalid_text(t) for t in texts if not _is_valid(t)), "encode_batch: "
+                                 "expected a list of str")) from None
+        return [self._frame(e.ids, add_bos, add_eos) for e in encodings]
+
+    def _frame(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; an id sequence that cuts a UTF-8 character in two decodes that part to U+FFFD."""
+        return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def bytes_per_token(self, texts: Iterable[str]) -> float:
+        """UTF-8 bytes per token over `texts` (higher = better compression)."""
+        texts = list(texts)
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        n_tokens = sum(len(ids) for ids in self.encode_batch(texts))
+        if n_tokens == 0:
+            raise DataError("bytes_per_token: the texts are empty")
+        return n_bytes / n_tokens
+
+    # ---- chat ------------------------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as text in the `lmforge-chat-v1` format (encode it with allow_special=True)."""
+        parts = [self.special_tokens[role] + content + self.special_tokens["end"]
+                 for role, content in self._checked_messages(messages)]
+        if add_generation_prompt:
+            parts.append(self.special_tokens["assistant"])
+        return "".join(parts)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Ids of `apply_chat_template(messages)`, with role tokens as specials and contents as plain text."""
+        ids: list[int] = []
+        for role, content in self._checked_messages(messages):
+            ids += [self.special_ids[role], *self.encode(content), self.special_ids["end"]]
+        if add_generation_prompt:
+            ids.append(self.special_ids["assistant"])
+        return ids
+
+    def _checked_messages(self, messages: list[dict]) -> list[tuple[str, str]]:
+        missing = [name for name in (*CHAT_ROLES, "end") if name not in self.special_tokens]
+        if missing:
+            raise TokenizerMismatchError(f"chat template needs special tokens {', '.join(missing)}, which this "
+                                         "tokenizer lacks")
+        checked = []
+        for i, message in enumerate(messages):
+            role = message.get("role") if isinstance(message, dict) else None
+            content = message.get("content") if isinstance(message, dict) else None
+            if role not in CHAT_ROLES or not isinstance(content, str):
+                raise DataError(f"messages[{i}]: expected {{'role': one of {', '.join(CHAT_ROLES)}, 'content': str}}, "
+                                f"got {message!r}"[:300])
+            checked.append((role, content))
+        return checked
+
+
+def _is_valid(text: object) -> bool:
+    if not isinstance(text, str):
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _invalid_text(text: object) -> str:
+    if not isinstance(text, str):
+        return f"encode: expected str, got {type(text).__name__}"
+    return "encode: text contains a lone surrogate, which is not valid Unicode (clean it with " \
+           "text.encode('utf-8', 'replace').decode())"
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"{path}: not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read ({exc})".splitlines()[0]) from None
+
+
+def _read_json(path: Path, hint: str = "") -> object:
+    if not path.is_file():
+        raise DataError(f"{path}: not found" + (f" ({hint})" if hint else ""))
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def _checked_hf_json(text: str, path: Path) -> str:
+    """`text` if HF tokenizers can load it, else a DataError naming `path`."""
+    try:
+        HFTokenizer.from_str(text)
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+        raise DataError(f"{path}: not a Hugging Face tokenizer.json ({exc})".splitlines()[0][:300]) from None
+    return text
+
+
+# ---- training stage: `lmforge tokenizer` ---------------------------------------------------------------------
+
+HELDOUT_MAX_CHARS = 10_000_000  # the held-out sample is kept in memory for the report
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """Train a tokenizer on text sources and report its compression on held-out documents.
+
+    input: sources as `lmforge data` accepts them (files, dirs, globs, .txt/.jsonl/.parquet, built-in corpus names
+    like `wordnet`, with `:key=value` options), or a dataset dir whose cleaned text was spooled as *.jsonl.
+    heldout_fraction: share of documents (chosen by a hash of their text, so the split is deterministic and
+    independent of order) kept out of training to measure bytes/token. max_chars: stop reading after this many
+    training characters (None = all). cache_dir: where built-in corpora are cached (None = $LMFORGE_CACHE).
+    """
+
+    input: list[str] = field(default_factory=lambda: ["stdlib-docstrings"])
+    out_dir: str = "out/tokenizer"
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    heldout_fraction: float = 0.02
+    max_chars: Optional[int] = 100_000_000
+    cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise ConfigError("input: give at least one text source")
+        floor = 256 + len(DEFAULT_SPECIAL_TOKENS)
+        if self.vocab_size < floor:
+            raise ConfigError(f"vocab_size: must be at least {floor} (256 bytes + {len(DEFAULT_SPECIAL_TOKENS)} "
+                              f"special tokens), got {self.vocab_size}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"heldout_fraction: must be in [0, 1), got {self.heldout_fraction}")
+        if self.max_chars is not None and self.max_chars <= 0:
+            raise ConfigError(f"max_chars: must be positive or None, got {self.max_chars}")
+
+
+def _sources(spec: str) -> list[SourceConfig]:
+    """A dataset dir (meta.json) stands for its spooled cleaned text; anything else is a `lmforge data` source."""
+    directory = Path(spec.split(":", 1)[0])
+    if (directory / "meta.json").is_file():
+        spooled = sorted(directory.glob("*.jsonl"))
+        if not spooled:
+            raise DataError(f"{directory}: a dataset dir without cleaned text (*.jsonl); pass its raw sources instead")
+        return [SourceConfig(path=str(path)) for path in spooled]
+    return [SourceConfig.from_str(spec)]
+
+
+def _is_heldout(text: str, fraction: float) -> bool:
+    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
+    """Train on cfg.input, save to cfg.out_dir (plus train_report.json), return the report."""
+    start = time.time()
+    sources = [source for spec in cfg.input for source in _sources(spec)]
+    for source in sources:
+        source.check()
+    stats = {"training_documents": 0, "training_chars": 0, "training_bytes": 0}
+    heldout: list[str] = []
+    heldout_budget = HELDOUT_MAX_CHARS
+    if cfg.max_chars is not None:
+        heldout_budget = min(heldout_budget, cfg.heldout_fraction * cfg.max_chars)
+    heldout_chars = 0
+
+    def training_texts() -> Iterator[str]:
+        nonlocal heldout_chars
+        for source in sources:
+            for doc in source.documents(cfg.cache_dir):
+                if cfg.max_chars is not None and stats["training_chars"] >= cfg.max_chars:
+                    return
+                if _is_heldout(doc.text, cfg.heldout_fraction):
+                    if heldout_chars < heldout_budget:
+                        heldout.append(doc.text)
+                        heldout_chars += len(doc.text)
+                    continue
+                stats["training_documents"] += 1
+                stats["training_chars"] += len(doc.text)
+                stats["training_bytes"] += len(doc.text.encode("utf-8", "replace"))
+                yield doc.text
+
+    tokenizer = Tokenizer.train(training_texts(), cfg.vocab_size, min_frequency=cfg.min_frequency)
+    if stats["training_documents"] == 0:
+        raise DataError(f"input {', '.join(cfg.input)}: no training documents (all empty or held out)")
+    tokenizer.save(cfg.out_dir)
+    report: dict = {"out_dir": str(Path(cfg.out_dir).resolve()), "vocab_size": tokenizer.vocab_size,
+                    "fingerprint": tokenizer.fingerprint, **stats, "heldout_documents": len(heldout),
+                    "heldout_bytes": sum(len(t.encode("utf-8", "replace")) for t in heldout),
+                    "bytes_per_token": None, "chars_per_token": None}
+    if heldout:
+        n_tokens = sum(map(len, tokenizer.encode_batch(heldout)))
+        report["bytes_per_token"] = round(report["heldout_bytes"] / max(n_tokens, 1), 4)
+        report["chars_per_token"] = round(heldout_chars / max(n_tokens, 1), 4)
+    report["seconds"] = round(time.time() - start, 2)
+    atomic_write_json(Path(cfg.out_dir) / "train_report.json", report)
+    return report
