@@ -1,0 +1,340 @@
+"""Batched text generation: left-padded prompts, one prefill, then one token per step through a static KV cache.
+
+    completions = generate(model, ["a dog is", "the sea"], GenerationConfig(max_new_tokens=20), tokenizer)
+    for delta in stream_generate(model, tokenizer, "a dog is", GenerationConfig(temperature=0.8)):
+        print(delta, end="", flush=True)
+
+Prompts of different lengths are left-padded (like Hugging Face): every row's last prompt token sits in the same
+column, so one forward pass per step serves the whole batch. The padding is excluded by an attention mask, and
+position ids count from each row's first real token, so a padded row decodes exactly as it would alone. All buffers
+(token ids, positions, mask, KV cache) are allocated once for prompt_len + max_new_tokens positions. A row that
+ends (eos or a stop string) keeps decoding with the batch, its tokens discarded, and the loop ends when every row
+has ended; the only host sync per step is that check (none when neither eos nor stop strings can end a row).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from lmforge.errors import ConfigError, LmforgeError, PromptTooLongError, TokenizerMismatchError
+from lmforge.infer.sampling import sample_next, token_presence
+
+Prompts = Union[Tensor, Sequence[Sequence[int]], Sequence[str], str]
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick tokens and when to stop. The filters apply in this order: repetition penalty, temperature,
+    top-k, top-p (see lmforge.infer.sampling). max_new_tokens is clamped so that prompt + new tokens fit the
+    model's block_size; a prompt that leaves no room at all raises PromptTooLongError."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 -> greedy (argmax)
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # nucleus: keep the most likely tokens up to this probability mass; 1.0 = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output; 1.0 = off
+    stop: list[str] = field(default_factory=list)  # end a row when its text contains one (cut from the text)
+    seed: Optional[int] = None  # seeds a private generator: the same seed gives the same samples
+    use_cache: bool = True  # False recomputes the whole sequence every step (slow; a reference for tests)
+    eos: bool = True  # end a row at the eos token (the tokenizer's, or generate's eos_id)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens", "at least 1"),
+            (self.temperature >= 0, "temperature", ">= 0 (0 is greedy)"),
+            (self.top_k >= 0, "top_k", ">= 0 (0 is off)"),
+            (0 < self.top_p <= 1, "top_p", "in (0, 1] (1 is off)"),
+            (self.repetition_penalty > 0, "repetition_penalty", "> 0 (1 is off)"),
+            (all(self.stop), "stop", "non-empty strings"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ConfigError(f"generation {name}={getattr(self, name)!r}: expected {expected}")
+
+
+@dataclass
+class Completion:
+    """One row's output. token_ids holds every token generated for the row, the eos token or the token that
+    completed a stop string included; text (with a tokenizer) leaves out the eos token and is cut before the
+    stop string."""
+
+    token_ids: list[int]
+    text: Optional[str]
+    finish_reason: Literal["eos", "stop", "length"]
+
+
+@dataclass
+class _Batch:
+    """Preallocated buffers of width prompt_len + max_new; generated tokens are written into `ids` in place."""
+
+    ids: Tensor  # (B, L) left-padded prompt tokens, then generated tokens
+    positions: Tensor  # (B, L) position ids counted from each row's first real token
+    mask: Optional[Tensor]  # (B, L) True on real tokens; None when no prompt is padded
+    prompt_len: int
+    max_new: int
+
+
+def _prompt_rows(prompts: Prompts, tokenizer: Any) -> tuple[Tensor, Tensor]:
+    """Prompts as left-padded token ids (B, T) and each row's length (B,), on the CPU; padding id 0."""
+    if isinstance(prompts, Tensor):
+        ids = prompts.detach().long().cpu().reshape(-1, prompts.shape[-1])
+        return ids, torch.full((ids.shape[0],), ids.shape[1])
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if tokenizer is None and any(isinstance(p, str) for p in prompts):
+        raise TypeError("generate: text prompts need a tokenizer (or pass token ids)")
+    rows = [tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], dtype=torch.long).reshape(len(rows), width)
+    return ids, torch.tensor([len(r) for r in rows], dtype=torch.long)
+
+
+def _prepare(model: Any, prompts: Prompts, cfg: GenerationConfig, tokenizer: Any) -> _Batch:
+    """Encode and left-pad `prompts`, check they fit the context, and allocate the decoding buffers."""
+    prompt_ids, lengths = _prompt_rows(prompts, tokenizer)
+    if prompt_ids.numel() == 0 or int(lengths.min()) == 0:
+        raise LmforgeError("generate: a prompt is empty or none was given; each needs at least one token")
+    batch_size, prompt_len = prompt_ids.shape
+    block_size = model.config.block_size
+    if prompt_len >= block_size:
+        raise PromptTooLongError(f"prompt has {prompt_len} tokens but the model's context (block_size) is "
+                                 f"{block_size}; use at most {block_size - 1} prompt tokens")
+    max_new = min(cfg.max_new_tokens, block_size - prompt_len)
+
+    device = next(model.parameters()).device
+    width = prompt_len + max_new
+    ids = torch.zeros(batch_size, width, dtype=torch.long, device=device)
+    ids[:, :prompt_len] = prompt_ids
+    steps = torch.arange(width, device=device).expand(batch_size, width)
+    if int(lengths.min()) == prompt_len:
+        return _Batch(ids, steps, None, prompt_len, max_new)
+    padding = (prompt_len - lengths).to(device)[:, None]  # (B, 1) columns of left padding per row
+    positions = (steps - padding).clamp(min=0)  # padding gets position 0; it is masked anyway
+    return _Batch(ids, positions, steps >= padding, prompt_len, max_new)
+
+
+@torch.inference_mode()
+def _token_steps(model: Any, batch: _Batch, cfg: GenerationConfig) -> Iterator[Tensor]:
+    """Yield the next token of every row, (B,), one step at a time, writing it into batch.ids.
+
+    With the cache, the first step is the prefill (the whole prompt) and each later step feeds one token; without
+    it, every step runs the model over the whole sequence so far. Only the last position goes through the LM head
+    (model.hidden_states then model.lm_head), so a long prompt never materializes (B, T, V) logits."""
+    batch_size = batch.ids.shape[0]
+    device = batch.ids.device
+    generator = None if cfg.seed is None else torch.Generator(device).manual_seed(cfg.seed)
+    present = None
+    if cfg.repetition_penalty != 1.0:
+        prompt_mask = None if batch.mask is None else batch.mask[:, :batch.prompt_len]
+        present = token_presence(batch.ids[:, :batch.prompt_len], model.config.vocab_size, prompt_mask)
+    cache = model.new_kv_cache(batch_size, batch.prompt_len + batch.max_new) if cfg.use_cache else None
+    start = 0
+    for end in range(batch.prompt_len, batch.prompt_len + batch.max_new):
+        mask = None if batch.mask is None else batch.mask[:, :end]
+        hidden = model.hidden_states(batch.ids[:, start:end], position_ids=batch.positions[:, start:end],
+                                     attention_mask=mask, kv_cache=cache)  # (B, T, d_model)
+        logits = model.lm_head(hidden[:, -1])  # (B, V): the head runs on the last position only
+        token = sample_next(logits, cfg, generator, present)
+        batch.ids[:, end] = token
+        if present is not None:
+            present.scatter_(1, token[:, None], True)
+        if cache is not None:
+            start = end
+        yield token
+
+
+class _TextStream:
+    """Incremental detokenization of one row, with stop-string detection.
+
+    Each new token re-decodes a short window (the tokens of the previous step plus the new ones) and keeps the
+    text beyond the window's old text, as vLLM does: tokenizers that drop a leading space at the start of a decode
+    stay correct, and a window that ends inside a UTF-8 character (decoded as U+FFFD) waits for more tokens.
+    `push` returns the text that is safe to show: nothing that may be the start of a stop string."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self.longest_stop = max((len(s) for s in self.stop), default=0)
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # window start: context for the decode
+        self.read_offset = 0  # tokens before this are in self.text
+        self.text = ""  # decoded so far (cut before the stop string once stopped)
+        self.shown = 0  # characters of self.text already returned
+        self.stopped = False
+
+    def _decode_new(self) -> str:
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        window = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if len(window) <= len(prefix) or window.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return window[len(prefix):]
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of self.text that is a proper prefix of a stop string."""
+        for size in range(min(len(self.text), self.longest_stop - 1), 0, -1):
+            tail = self.text[-size:]
+            if any(s.startswith(tail) for s in self.stop):
+                return size
+        return 0
+
+    def _show(self, upto: int) -> str:
+        delta, self.shown = self.text[self.shown:upto], max(self.shown, upto)
+        return delta
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the newly printable text (sets self.stopped when a stop string appears)."""
+        self.ids.append(token_id)
+        new = self._decode_new()
+        if not new:
+            return ""
+        search_from = max(0, len(self.text) - self.longest_stop + 1)
+        self.text += new
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+            return self._show(len(self.text))
+        return self._show(len(self.text) - self._held_back())
+
+    def finish(self) -> str:
+        """Flush what is left at the end of generation (an incomplete character is shown as U+FFFD)."""
+        if not self.stopped and self.read_offset < len(self.ids):
+            prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+            self.text += self.tokenizer.decode(self.ids[self.prefix_offset:])[len(prefix):]
+            self.read_offset = len(self.ids)
+        return self._show(len(self.text))
+
+
+def _completion(ids: list[int], eos_id: Optional[int], stream: Optional[_TextStream], tokenizer: Any) -> Completion:
+    """Cut a row's tokens after the step that ended it and name why it ended."""
+    if stream is not None and stream.stopped:
+        ids, reason = ids[:len(stream.ids)], "stop"
+    elif eos_id is not None and eos_id in ids:
+        ids, reason = ids[:ids.index(eos_id) + 1], "eos"
+    else:
+        reason = "length"
+    text = None
+    if stream is not None:
+        stream.finish()
+        text = stream.text
+    elif tokenizer is not None:
+        text = tokenizer.decode(ids[:-1] if reason == "eos" else ids)
+    return Completion(ids, text, reason)
+
+
+@torch.inference_mode()
+def generate(model: Any, prompts: Prompts, cfg: Optional[GenerationConfig] = None, tokenizer: Any = None, *,
+             eos_id: Optional[int] = None) -> list[Completion]:
+    """Continue each prompt; return one Completion per row, in order.
+
+    model: an lmforge Transformer (used through .config, .hidden_states, .lm_head and .new_kv_cache).
+    prompts: a LongTensor (B, T) or (T,), a list of token-id lists (any lengths), or with a tokenizer a list of
+    strings (or one string). eos_id defaults to tokenizer.eos_id; cfg.eos=False disables it. Stop strings need a
+    tokenizer. The model is used as it is: call model.eval() first if it has dropout.
+    """
+    cfg = cfg or GenerationConfig()
+    if cfg.stop and tokenizer is None:
+        raise TypeError("generate: stop strings need a tokenizer")
+    batch = _prepare(model, prompts, cfg, tokenizer)
+    batch_size = batch.ids.shape[0]
+    if eos_id is None and tokenizer is not None:
+        eos_id = tokenizer.eos_id
+    eos_id = eos_id if cfg.eos else None
+    streams = [_TextStream(tokenizer, cfg.stop) for _ in range(batch_size)] if cfg.stop else None
+    ended = torch.zeros(batch_size, dtype=torch.bool, device=batch.ids.device)
+    ended_rows: set[int] = set()
+    steps = 0
+    for steps, token in enumerate(_token_steps(model, batch, cfg), start=1):
+        if streams is not None:  # text is needed on the host anyway: end rows there
+            for row, token_id in enumerate(token.tolist()):
+                if row in ended_rows:
+                    continue
+                if token_id != eos_id:
+                    streams[row].push(token_id)
+                if token_id == eos_id or streams[row].stopped:
+                    ended_rows.add(row)
+            if len(ended_rows) == batch_size:
+                break
+        elif eos_id is not None:
+            ended |= token == eos_id
+            if bool(ended.all()):
+                break
+    new_ids = batch.ids[:, batch.prompt_len:batch.prompt_len + steps].tolist()
+    return [_completion(new_ids[row], eos_id, streams[row] if streams else None, tokenizer)
+            for row in range(batch_size)]
+
+
+@torch.inference_mode()
+def stream_generate(model: Any, tokenizer: Any, prompt: str, cfg: Optional[GenerationConfig] = None
+                    ) -> Iterator[str]:
+    """Continue one text prompt, yielding text deltas as they become printable: an incomplete UTF-8 character or
+    a possible start of a stop string is held back. "".join(deltas) equals generate(...)[0].text."""
+    cfg = cfg or GenerationConfig()
+    batch = _prepare(model, [prompt], cfg, tokenizer)
+    eos_id = tokenizer.eos_id if cfg.eos else None
+    stream = _TextStream(tokenizer, cfg.stop)
+    for token in _token_steps(model, batch, cfg):
+        token_id = int(token)
+        if token_id == eos_id:
+            break
+        delta = stream.push(token_id)
+        if delta:
+            yield delta
+        if stream.stopped:
+            return
+    tail = stream.finish()
+    if tail:
+        yield tail
+
+
+@dataclass
+class GenerateConfig(GenerationConfig):
+    """`lmforge generate`: every GenerationConfig field (as top-level options) plus the model, prompts and device."""
+
+    model: str = ""  # an lmforge or Hugging Face model dir; the tokenizer is read from the same dir
+    prompt: list[str] = field(default_factory=list)  # one or more prompts, generated as one batch
+    stream: bool = False  # print text as it is generated (a single prompt only)
+    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps
+
+
+def check_tokenizer_fits(tokenizer: Any, model: Any, where: str) -> None:
+    """Raise TokenizerMismatchError when the tokenizer can produce ids the model has no embedding for."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise TokenizerMismatchError(f"{where}: tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's "
+                                     f"vocab_size {model.config.vocab_size}; use the tokenizer the model was "
+                                     "trained with")
+
+
+def run_generate(cfg: GenerateConfig) -> list[str]:
+    """Load the model and tokenizer from cfg.model (lmforge or Hugging Face dir), generate for every prompt as one
+    batch, print and return the completions. With cfg.stream and a single prompt, text is printed as it comes."""
+    from lmforge.convert import load
+    from lmforge.tokenizer import Tokenizer
+
+    if not cfg.model:
+        raise ConfigError("generate needs a model dir: lmforge generate --model DIR --prompt TEXT")
+    if not cfg.prompt:
+        raise ConfigError("generate needs at least one prompt: --prompt TEXT")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    model = load(cfg.model).to(device)
+    has_lmforge_tokenizer = (Path(cfg.model) / "lmforge_tokenizer.json").is_file()
+    tokenizer = Tokenizer.load(cfg.model) if has_lmforge_tokenizer else Tokenizer.from_hf(cfg.model)
+    check_tokenizer_fits(tokenizer, model, cfg.model)
+    if cfg.stream and len(cfg.prompt) == 1:
+        deltas = []
+        for delta in stream_generate(model, tokenizer, cfg.prompt[0], cfg):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+            deltas.append(delta)
+        sys.stdout.write("\n")
+        return ["".join(deltas)]
+    texts = [c.text or "" for c in generate(model, cfg.prompt, cfg, tokenizer)]
+    for text in texts:
+        print(text)
+    return texts
