@@ -78,6 +78,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        if dataclasses.is_dataclass(item_tp) and hasattr(item_tp, "from_str"):
+            # shorthand specs may be comma-separated: --sources wordnet,kjv:0.5
+            value = [part.strip() for v in value for part in (v.split(",") if isinstance(v, str) else [v])
+                     if not isinstance(part, str) or part.strip()]
         items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:

@@ -76,3 +76,11 @@ def test_convert_refuses_to_overwrite_its_source(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "lmforge", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "pretrain" in result.stdout
+
+
+def test_list_options_repeat_and_keep_commas():
+    from lmforge.cli import build_parser, find_command
+
+    cmd, rest = find_command(["generate", "--prompt", "Hello, world", "--prompt", "Hi", "--stop", ","])
+    args = vars(build_parser(cmd).parse_args(rest))
+    assert args["cfg:prompt"] == ["Hello, world", "Hi"] and args["cfg:stop"] == [","]
