@@ -1,0 +1,72 @@
+"""Run metrics: metrics.jsonl (one JSON record per line), a tqdm progress bar, and the loss-curve plot.
+
+Records carry "kind": "train" records (step, tokens, loss, lr, grad_norm, tok_per_s, mfu, elapsed_s) and "val"
+records (step, tokens, val_loss, val_bpb).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from tqdm import tqdm
+
+from lmforge.io import atomic_write_bytes, atomic_write_text
+
+
+class MetricsLog:
+    """Append-only JSON-lines file, flushed after every record so a killed run keeps what it logged."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records after `step` (logged by a run that died before its next checkpoint), before resuming."""
+        kept = [r for r in self.read() if r.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+    """Step progress bar; `update_progress` fills in loss, tok/s and MFU."""
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def update_progress(bar: tqdm, steps: int, loss: float, tok_per_s: float, mfu: Optional[float]) -> None:
+    bar.update(steps)
+    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_per_s:,.0f}", mfu=f"{100 * mfu:.1f}%" if mfu else "n/a",
+                    refresh=False)
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
+    """PNG of train and val loss against optimizer step (left) and tokens seen (right), written atomically."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
+
+    train = [r for r in records if r.get("kind") == "train"]
+    val = [r for r in records if r.get("kind") == "val" and r.get("val_loss") is not None]
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, x in zip(axes, ("step", "tokens")):
+        ax.plot([r[x] for r in train], [r["loss"] for r in train], label="train", linewidth=1)
+        if val:
+            ax.plot([r[x] for r in val], [r["val_loss"] for r in val], "o-", label="val", markersize=3)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("loss (nats/token)")
+    axes[0].legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(path, buffer.getvalue())
