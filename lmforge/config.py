@@ -80,7 +80,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
         if dataclasses.is_dataclass(item_tp) and hasattr(item_tp, "from_str"):
             # shorthand specs may be comma-separated: --sources wordnet,kjv:0.5
-            value = [part.strip() for v in value for part in (v.split(",") if isinstance(v, str) else [v])
+            value = [part.strip() if isinstance(part, str) else part for v in value for part in (v.split(",") if isinstance(v, str) else [v])
                      if not isinstance(part, str) or part.strip()]
         items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items

@@ -311,7 +311,7 @@ class TokenizerTrainConfig:
     """Train a tokenizer on text sources and report its compression on held-out documents.
 
     input: sources as `lmforge data` accepts them (files, dirs, globs, .txt/.jsonl/.parquet, built-in corpus names
-    like `wordnet`, with `:key=value` options), or a dataset dir whose cleaned text was spooled as *.jsonl.
+    like `wordnet`, with `:key=value` options).
     heldout_fraction: share of documents (chosen by a hash of their text, so the split is deterministic and
     independent of order) kept out of training to measure bytes/token. max_chars: stop reading after this many
     training characters (None = all). cache_dir: where built-in corpora are cached (None = $LMFORGE_CACHE).
@@ -338,17 +338,6 @@ class TokenizerTrainConfig:
             raise ConfigError(f"max_chars: must be positive or None, got {self.max_chars}")
 
 
-def _sources(spec: str) -> list[SourceConfig]:
-    """A dataset dir (meta.json) stands for its spooled cleaned text; anything else is a `lmforge data` source."""
-    directory = Path(spec.split(":", 1)[0])
-    if (directory / "meta.json").is_file():
-        spooled = sorted(directory.glob("*.jsonl"))
-        if not spooled:
-            raise DataError(f"{directory}: a dataset dir without cleaned text (*.jsonl); pass its raw sources instead")
-        return [SourceConfig(path=str(path)) for path in spooled]
-    return [SourceConfig.from_str(spec)]
-
-
 def _is_heldout(text: str, fraction: float) -> bool:
     digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest()
     return int.from_bytes(digest, "big") < fraction * 2**64
@@ -357,7 +346,7 @@ def _is_heldout(text: str, fraction: float) -> bool:
 def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     """Train on cfg.input, save to cfg.out_dir (plus train_report.json), return the report."""
     start = time.time()
-    sources = [source for spec in cfg.input for source in _sources(spec)]
+    sources = [SourceConfig.from_str(spec) for spec in cfg.input]
     for source in sources:
         source.check()
     stats = {"training_documents": 0, "training_chars": 0, "training_bytes": 0}
@@ -397,4 +386,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
         report["chars_per_token"] = round(heldout_chars / max(n_tokens, 1), 4)
     report["seconds"] = round(time.time() - start, 2)
     atomic_write_json(Path(cfg.out_dir) / "train_report.json", report)
+    print(f"tokenizer: {report['vocab_size']} tokens trained on {report['training_documents']:,} documents "
+          f"({report['training_bytes']:,} bytes) in {report['seconds']} s -> {report['out_dir']}")
+    if report["bytes_per_token"] is not None:
+        print(f"tokenizer: held-out {report['heldout_documents']:,} documents: {report['bytes_per_token']} bytes/token, "
+              f"{report['chars_per_token']} chars/token")
     return report

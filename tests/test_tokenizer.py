@@ -198,9 +198,10 @@ def test_train_tokenizer_stage(tmp_path):
 
 
 def test_train_tokenizer_input_errors(tmp_path):
-    (tmp_path / "dataset").mkdir()
-    (tmp_path / "dataset" / "meta.json").write_text("{}")
-    with pytest.raises(DataError, match="without cleaned text"):
-        train_tokenizer(TokenizerTrainConfig(input=[str(tmp_path / "dataset")], out_dir=str(tmp_path / "o")))
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "empty_dir" / "blank.txt").write_text("   \n")
+    with pytest.raises(DataError):
+        train_tokenizer(TokenizerTrainConfig(input=[str(tmp_path / "empty_dir")], out_dir=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
     with pytest.raises(DataError, match="no such file"):
         train_tokenizer(TokenizerTrainConfig(input=[str(tmp_path / "missing.txt")], out_dir=str(tmp_path / "o")))

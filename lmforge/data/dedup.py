@@ -1,0 +1,129 @@
+"""Exact and near-duplicate removal, streaming: the first copy of a document is kept, later copies are dropped.
+
+`Fingerprinter(cfg)(text)` is pure per document (worker processes run it); `Deduplicator.check(fingerprint)`
+holds the state and runs in one process, in stream order.
+
+- Exact: documents whose normalized text is equal (lowercased, punctuation removed, whitespace runs collapsed to
+  one space) are duplicates; a 16-byte BLAKE2b digest of the normalized text is kept per document.
+- Near: MinHash signatures (`num_perm` permutations) of the set of word shingles (`shingle_size` consecutive words
+  of the normalized text; a document shorter than that is one shingle) are indexed in a MinHash LSH. A document is
+  a near duplicate when the LSH pairs it with an earlier kept document whose estimated Jaccard similarity (share
+  of equal MinHash values) reaches `threshold`; the check drops the LSH's false candidates, common among short
+  texts such as dictionary glosses that share a long phrase. Kept signatures stay in memory (4 * num_perm bytes
+  per document, plus the LSH index).
+  Changing one word of a 100-word paragraph leaves ~90% of its 5-word shingles intact, so it is caught at 0.8.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+
+@dataclass
+class DedupConfig:
+    """exact / near switch each method; threshold, num_perm, shingle_size (words) and seed tune near dedup."""
+
+    exact: bool = True
+    near: bool = True
+    threshold: float = 0.8
+    num_perm: int = 128
+    shingle_size: int = 5
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.shingle_size < 1 or self.num_perm < 16:
+            raise ValueError(f"shingle_size must be >= 1 and num_perm >= 16, got {self.shingle_size}, "
+                             f"{self.num_perm}")
+
+
+_NOT_WORD = re.compile(r"[^\w\s]")
+_SCHEME = "affine32"  # datasketch's default permutation scheme since 2.0
+# datasketch is imported inside the functions that use it: it pulls in scipy (~1.5 s), which `--help` and the
+# tokenizing worker processes should not pay for.
+
+
+class Fingerprint(NamedTuple):
+    """What dedup needs of a document: the exact-match digest and the MinHash values (None if near is off)."""
+
+    digest: bytes
+    minhash: np.ndarray | None
+
+
+def normalize_for_dedup(text: str) -> str:
+    """Lowercase, strip punctuation and symbols, collapse whitespace."""
+    text = unicodedata.normalize("NFC", text).lower()
+    return " ".join(_NOT_WORD.sub(" ", text).split())
+
+
+def shingles(normalized: str, size: int) -> set[bytes]:
+    """The set of `size`-word shingles of normalized text (the whole text if it is shorter)."""
+    words = normalized.split()
+    if len(words) <= size:
+        return {normalized.encode("utf-8")}
+    return {" ".join(words[i:i + size]).encode("utf-8") for i in range(len(words) - size + 1)}
+
+
+class Fingerprinter:
+    """Computes `Fingerprint`s; pure per document, so worker processes run it in parallel.
+
+    One MinHash is reused (cleared per document): building one costs more than hashing a short gloss.
+    """
+
+    def __init__(self, cfg: DedupConfig) -> None:
+        self.cfg = cfg
+        self._minhash = None
+        if cfg.near:
+            from datasketch import MinHash
+
+            self._minhash = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, scheme=_SCHEME)
+
+    def __call__(self, text: str) -> Fingerprint:
+        normalized = normalize_for_dedup(text)
+        digest = hashlib.blake2b(normalized.encode("utf-8"), digest_size=16).digest()
+        if self._minhash is None:
+            return Fingerprint(digest, None)
+        self._minhash.clear()
+        self._minhash.update_batch(list(shingles(normalized, self.cfg.shingle_size)))
+        return Fingerprint(digest, self._minhash.hashvalues.copy())
+
+
+class Deduplicator:
+    """Stateful filter over fingerprints in stream order: `check` returns 'exact', 'near' or None (kept).
+
+    A kept document is remembered, so later copies of it are removed; `removed` counts removals per method.
+    """
+
+    def __init__(self, cfg: DedupConfig) -> None:
+        from datasketch import MinHashLSH
+
+        self.cfg = cfg
+        self._digests: set[bytes] = set()
+        self._lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm) if cfg.near else None
+        self._signatures: list[np.ndarray] = []  # MinHash values of kept documents, indexed by LSH key
+        self.removed = {"exact": 0, "near": 0}
+
+    def check(self, fp: Fingerprint) -> str | None:
+        if self.cfg.exact:
+            if fp.digest in self._digests:
+                self.removed["exact"] += 1
+                return "exact"
+            self._digests.add(fp.digest)
+        if self._lsh is not None and fp.minhash is not None:
+            from datasketch import LeanMinHash
+
+            signature = LeanMinHash(seed=self.cfg.seed, hashvalues=fp.minhash, scheme=_SCHEME)
+            if any(np.mean(self._signatures[key] == fp.minhash) >= self.cfg.threshold
+                   for key in self._lsh.query(signature)):
+                self.removed["near"] += 1
+                return "near"
+            self._lsh.insert(len(self._signatures), signature, check_duplication=False)
+            self._signatures.append(fp.minhash)
+        return None

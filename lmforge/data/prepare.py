@@ -1,0 +1,310 @@
+"""`lmforge data prepare`: sources -> clean -> dedup -> split -> mixture -> tokenize -> shards + meta.json.
+
+Two streaming passes; no corpus is ever held in memory:
+1. Documents stream from each source in order, in batches, through worker processes that clean them and compute
+   their dedup fingerprints (`Pool.imap`, so results come back in input order). The main process deduplicates,
+   splits each kept document into train or val by a hash of its cleaned text (stable across runs, seeds and
+   mixtures: `blake2b(text) / 2**64 < val_fraction` -> val), draws its mixture copies (train only, see
+   `mixture.py`) and spools it to a temp file inside the dataset dir being built.
+2. If no tokenizer is given, one is trained on the spooled training text. The spool streams through worker
+   processes (each loads the tokenizer once) that encode each document as its ids followed by eos; the ids are
+   appended to the shards of its split.
+
+meta.json per source: documents and bytes read, weight, kept_documents (after cleaning and dedup), removed (count
+per filter or dedup method), train_documents / val_documents (copies written), train_tokens / val_tokens, and
+epochs (train copies / kept train documents). A split's `documents`, `tokens` and `bytes` count every copy written.
+
+The dataset dir is built in a temp dir beside `out_dir` and renamed onto it at the end, so a failed run leaves an
+existing dataset untouched. The tokenizer used is copied into `out_dir/tokenizer`, making the dir self-contained.
+Output is identical for any `num_workers`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import numpy as np
+
+from lmforge.config import config_to_dict
+from lmforge.data.clean import FILTERS, CleanConfig, CleanResult, clean_document
+from lmforge.data.dedup import DedupConfig, Deduplicator, Fingerprint, Fingerprinter
+from lmforge.data.mixture import SourceSampler, effective_epochs
+from lmforge.data.shards import DATASET_FORMAT, DEFAULT_SHARD_TOKENS, ShardWriter, shard_dtype
+from lmforge.data.sources import SourceConfig
+from lmforge.errors import ConfigError, DataError
+from lmforge.io import atomic_path, atomic_write_json, atomic_write_text
+from lmforge.tokenizer import Tokenizer
+
+SPLITS = ("train", "val")
+SAMPLES_PER_SOURCE = 5
+
+
+@dataclass
+class DataConfig:
+    """Everything `prepare_dataset` needs (the `lmforge data prepare` options)."""
+
+    sources: list[SourceConfig] = field(default_factory=list)  # CLI: comma-separated SourceConfig.from_str specs
+    out_dir: str = ""  # the dataset dir to write (replaced atomically if it exists)
+    tokenizer: Optional[str] = None  # tokenizer dir; None = train a byte-level BPE on the train split
+    vocab_size: int = 4096  # size of the tokenizer trained when `tokenizer` is None
+    val_fraction: float = 0.02  # share of documents (by text hash) held out for validation
+    seed: int = 0  # mixture sampling seed
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    num_workers: int = 0  # worker processes for cleaning and tokenizing; 0 = one per CPU, 1 = in-process
+    shard_tokens: int = DEFAULT_SHARD_TOKENS  # tokens per shard file
+    batch_documents: int = 256  # documents sent to a worker at a time
+    cache_dir: Optional[str] = None  # built-in corpus cache; None = $LMFORGE_CACHE or ~/.cache/lmforge
+
+
+@dataclass
+class _SourceStats:
+    weight: float
+    documents: int = 0
+    bytes: int = 0
+    kept_documents: int = 0
+    removed: Counter = field(default_factory=Counter)
+    split_documents: Counter = field(default_factory=Counter)  # copies written per split
+    split_tokens: Counter = field(default_factory=Counter)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"documents": self.documents, "bytes": self.bytes, "weight": self.weight,
+                "kept_documents": self.kept_documents, "removed": dict(self.removed),
+                "train_documents": self.split_documents["train"], "val_documents": self.split_documents["val"],
+                "train_tokens": self.split_tokens["train"], "val_tokens": self.split_tokens["val"],
+                "epochs": round(effective_epochs(self.split_documents["train"],
+                                                 self.kept_documents - self.split_documents["val"]), 4)}
+
+
+def prepare_dataset(cfg: DataConfig) -> Path:
+    """Build the dataset dir `cfg.out_dir` (see the module docstring) and return its path."""
+    _validate(cfg)
+    out_dir = Path(cfg.out_dir)
+    workers = cfg.num_workers or os.cpu_count() or 1
+    with atomic_path(out_dir) as build_dir:
+        build_dir.mkdir()
+        spool = _Spool(build_dir / "spool")
+        try:
+            stats, filters, dedup_removed, samples = _collect(cfg, spool, workers)
+        finally:
+            spool.close()
+        tokenizer = _tokenizer(cfg, spool, build_dir / "tokenizer")
+        splits = {split: _write_split(cfg, split, spool, build_dir, tokenizer.vocab_size, workers, stats)
+                  for split in SPLITS}
+        shutil.rmtree(spool.root)
+        atomic_write_text(build_dir / "samples.txt", _format_samples(cfg, samples))
+        atomic_write_json(build_dir / "meta.json", {
+            "format": DATASET_FORMAT, "dtype": str(shard_dtype(tokenizer.vocab_size)),
+            "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+            "tokenizer_fingerprint": tokenizer.fingerprint,
+            "tokenizer_dir": str((out_dir / "tokenizer").resolve()),
+            "splits": splits, "sources": {s.name: stats[i].to_json() for i, s in enumerate(cfg.sources)},
+            "filters": filters, "dedup": dedup_removed,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": config_to_dict(cfg)})
+    train = splits["train"]
+    print(f"lmforge data prepare: {out_dir}: {train['documents']} train documents, {train['tokens']} tokens, "
+          f"{splits['val']['documents']} val documents, {splits['val']['tokens']} tokens", flush=True)
+    return out_dir
+
+
+def _validate(cfg: DataConfig) -> None:
+    if not cfg.sources:
+        raise ConfigError("data: give at least one source (--sources wordnet or --sources data/*.txt)")
+    if not cfg.out_dir:
+        raise ConfigError("data: give an output directory (--out_dir)")
+    names = [s.name for s in cfg.sources]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.sources: source names must be distinct, got {names} (set name=...)")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.batch_documents < 1 or cfg.shard_tokens < 1 or cfg.num_workers < 0:
+        raise ConfigError("data: batch_documents and shard_tokens must be >= 1, num_workers >= 0")
+    if cfg.tokenizer is None and cfg.vocab_size < 257:
+        raise ConfigError(f"data.vocab_size must be > 256 (byte-level BPE), got {cfg.vocab_size}")
+    for source in cfg.sources:
+        source.check()
+
+
+class _Spool:
+    """Temp JSONL files of kept documents, one per (split, mixture pass): lines of [source_index, text]."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir()
+        self._files: dict[tuple[str, int], Any] = {}
+
+    def write(self, split: str, copy: int, source_index: int, text: str) -> None:
+        if (split, copy) not in self._files:
+            self._files[split, copy] = open(self.root / f"{split}_{copy}.jsonl", "w", encoding="utf-8")
+        self._files[split, copy].write(json.dumps([source_index, text], ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def read(self, split: str) -> Iterator[tuple[int, str]]:
+        """Documents of a split in write order, pass after pass."""
+        for copy in range(sum(1 for s, _ in self._files if s == split)):
+            with open(self.root / f"{split}_{copy}.jsonl", encoding="utf-8") as f:
+                for line in f:
+                    source_index, text = json.loads(line)
+                    yield source_index, text
+
+
+def _split_of(text: str, val_fraction: float) -> str:
+    """'val' for a stable pseudo-random val_fraction of documents, by a hash of the text."""
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+    return "val" if h / 2**64 < val_fraction else "train"
+
+
+class _CleanTask:
+    """Worker task of pass 1: per document (UTF-8 bytes, clean result, dedup fingerprint or None)."""
+
+    def __init__(self, clean: CleanConfig, dedup: DedupConfig) -> None:
+        self.clean = clean
+        self.fingerprint = Fingerprinter(dedup)
+
+    def __call__(self, item: tuple[int, list[str]]) -> tuple[int, list[tuple[int, CleanResult, Fingerprint | None]]]:
+        source_index, texts = item
+        out = []
+        for text in texts:
+            result = clean_document(text, self.clean)
+            fp = self.fingerprint(result.text) if result.text is not None else None
+            out.append((len(text.encode("utf-8")), result, fp))
+        return source_index, out
+
+
+class _EncodeTask:
+    """Worker task of pass 2: per document (source index, UTF-8 bytes, ids followed by eos as uint32).
+
+    The tokenizer is loaded on first use, once per worker process (it is not pickled with the task)."""
+
+    def __init__(self, tokenizer_dir: str) -> None:
+        self.tokenizer_dir = tokenizer_dir
+        self._tokenizer: Optional[Tokenizer] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tokenizer_dir": self.tokenizer_dir, "_tokenizer": None}
+
+    def __call__(self, batch: list[tuple[int, str]]) -> list[tuple[int, int, np.ndarray]]:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.load(self.tokenizer_dir)
+        eos = self._tokenizer.eos_id
+        encoded = self._tokenizer.encode_batch([text for _, text in batch])
+        return [(source_index, len(text.encode("utf-8")), np.array(ids + [eos], dtype=np.uint32))
+                for (source_index, text), ids in zip(batch, encoded)]
+
+
+_worker_task: Optional[Callable[[Any], Any]] = None  # set once per worker process by _init_worker
+
+
+def _init_worker(task: Callable[[Any], Any]) -> None:
+    global _worker_task
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _worker_task = task
+
+
+def _run_worker(item: Any) -> Any:
+    assert _worker_task is not None
+    return _worker_task(item)
+
+
+def _ordered_map(task: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
+    """task(item) for each item, in order; in `workers` spawned processes when workers > 1."""
+    if workers <= 1:
+        yield from map(task, items)
+        return
+    # spawn, not fork: a forked child of a process whose tokenizers/torch threads are running can deadlock.
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (task,)) as pool:
+        yield from pool.imap(_run_worker, items)
+
+
+def _batches(cfg: DataConfig) -> Iterator[tuple[int, list[str]]]:
+    """(source index, texts) batches of every source in order; a batch never mixes sources."""
+    for source_index, source in enumerate(cfg.sources):
+        for batch in _chunks((doc.text for doc in source.documents(cfg.cache_dir)), cfg.batch_documents):
+            yield source_index, batch
+
+
+def _collect(cfg: DataConfig, spool: _Spool, workers: int) -> tuple[
+        list[_SourceStats], dict[str, int], dict[str, int], dict[int, list[str]]]:
+    """Pass 1: read, clean, dedup, split and sample every source into the spool; return the counts."""
+    stats = [_SourceStats(weight=s.weight) for s in cfg.sources]
+    samplers = [SourceSampler(s.weight, cfg.seed, s.name) for s in cfg.sources]
+    dedup = Deduplicator(cfg.dedup)
+    samples: dict[int, list[str]] = {i: [] for i in range(len(cfg.sources))}
+    for source_index, results in _ordered_map(_CleanTask(cfg.clean, cfg.dedup), _batches(cfg), workers):
+        st = stats[source_index]
+        for raw_bytes, cleaned, fp in results:
+            st.documents += 1
+            st.bytes += raw_bytes
+            removed_by = cleaned.removed_by or dedup.check(fp)
+            if removed_by:
+                st.removed[removed_by] += 1
+                continue
+            st.kept_documents += 1
+            if len(samples[source_index]) < SAMPLES_PER_SOURCE:
+                samples[source_index].append(cleaned.text)
+            split = _split_of(cleaned.text, cfg.val_fraction)
+            copies = 1 if split == "val" else samplers[source_index].copies()
+            for copy in range(copies):
+                spool.write(split, copy, source_index, cleaned.text)
+            st.split_documents[split] += copies
+    filters = {name: sum(st.removed[name] for st in stats) for name in FILTERS}
+    dedup_removed = dict(dedup.removed)
+    kept = sum(st.kept_documents for st in stats)
+    if not kept:
+        removals = ", ".join(f"{k} {v}" for k, v in {**filters, **dedup_removed}.items() if v)
+        raise DataError(f"no documents left after cleaning and dedup: read {sum(st.documents for st in stats)}, "
+                        f"removed by {removals or 'nothing'} (loosen the --clean.* thresholds or add data)")
+    if not any(st.split_documents["train"] for st in stats):
+        raise DataError(f"the training split is empty: of {kept} kept documents, none went to train "
+                        f"(val_fraction {cfg.val_fraction}, weights {[s.weight for s in cfg.sources]})")
+    return stats, filters, dedup_removed, samples
+
+
+def _tokenizer(cfg: DataConfig, spool: _Spool, tokenizer_dir: Path) -> Tokenizer:
+    """The given tokenizer, or one trained on the spooled train split; saved into the dataset dir either way."""
+    if cfg.tokenizer is not None:
+        tokenizer = Tokenizer.load(cfg.tokenizer)
+    else:
+        print(f"lmforge data prepare: training a {cfg.vocab_size}-token BPE tokenizer on the train split", flush=True)
+        tokenizer = Tokenizer.train((text for _, text in spool.read("train")), vocab_size=cfg.vocab_size)
+    tokenizer.save(tokenizer_dir)
+    return tokenizer
+
+
+def _write_split(cfg: DataConfig, split: str, spool: _Spool, build_dir: Path, vocab_size: int, workers: int,
+                 stats: list[_SourceStats]) -> dict[str, Any]:
+    """Pass 2 for one split: encode the spooled documents in workers and append them to shards."""
+    writer = ShardWriter(build_dir, split, vocab_size, cfg.shard_tokens)
+    documents = text_bytes = 0
+    batches = _chunks(spool.read(split), cfg.batch_documents)
+    for encoded in _ordered_map(_EncodeTask(str(build_dir / "tokenizer")), batches, workers):
+        for source_index, num_bytes, ids in encoded:
+            writer.write(ids)
+            stats[source_index].split_tokens[split] += len(ids)
+            text_bytes += num_bytes
+        documents += len(encoded)
+    return {"shards": writer.close(), "tokens": writer.tokens, "documents": documents, "bytes": text_bytes}
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    while chunk := list(islice(items, size)):
+        yield chunk
+
+
+def _format_samples(cfg: DataConfig, samples: dict[int, list[str]]) -> str:
+    """A few cleaned documents per source, for a human to check what cleaning kept."""
+    return "".join(f"### {cfg.sources[i].name}: document {j + 1}\n{text}\n\n"
+                   for i, texts in samples.items() for j, text in enumerate(texts))

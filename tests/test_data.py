@@ -1,0 +1,255 @@
+"""Sources, mixture, shards and `prepare_dataset` end to end (lmforge.data)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lmforge.config import build_config
+from lmforge.data.mixture import SourceSampler, effective_epochs
+from lmforge.data.prepare import DataConfig, _split_of, prepare_dataset
+from lmforge.data.shards import ShardWriter, TokenShards, read_meta, shard_dtype
+from lmforge.data.sources import SourceConfig
+from lmforge.errors import ConfigError, DataError
+from lmforge.tokenizer import Tokenizer
+
+WORDS = ("the a river stone light garden window morning music letter forest quiet winter market paper silver "
+         "mountain yellow station kitchen summer painter harbor evening bridge candle meadow village teacher "
+         "orchard thunder basket lantern feather island pocket marble ribbon saddle tunnel walks sings opens "
+         "carries finds under over near with from slowly brightly").split()
+
+
+def fixture_texts(n: int, seed: int = 0) -> list[str]:
+    """Distinct, already-clean documents of 12-40 words (clean_document leaves them unchanged)."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(12, 40))]
+        texts.append(" ".join(words).capitalize() + ".")
+    return texts
+
+
+def docs(source: SourceConfig) -> list[str]:
+    return [d.text for d in source.documents()]
+
+
+# ---- sources -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, expected", [
+    ("wordnet", dict(path="wordnet", kind="corpus", weight=1.0, name="wordnet")),
+    ("kjv:2.0", dict(path="kjv", kind="corpus", weight=2.0)),
+    ("data/*.txt", dict(path="data/*.txt", kind="auto", weight=1.0)),
+    ("docs.jsonl:field=body:weight=0.5", dict(path="docs.jsonl", field="body", weight=0.5)),
+    ("books:split=paragraph:name=b:max_documents=7", dict(split="paragraph", name="b", max_documents=7)),
+])
+def test_source_shorthand(spec: str, expected: dict) -> None:
+    source = SourceConfig.from_str(spec)
+    assert {k: getattr(source, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("a.txt:colour=red", "unknown option 'colour'"), ("a.txt:weight=x", "expects a number"),
+    ("nope:kind=corpus", "unknown corpus 'nope'"), ("a.txt:-1", "weight must be >= 0"),
+    ("a.txt:split=lines", "split must be"),
+])
+def test_source_shorthand_errors(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SourceConfig.from_str(spec)
+
+
+def test_sources_from_config_dict_and_cli_list() -> None:
+    cfg = build_config(DataConfig, {"sources": "a.txt:2,b.jsonl:field=body", "out_dir": "x"})
+    assert [(s.path, s.weight, s.field) for s in cfg.sources] == [("a.txt", 2.0, "text"), ("b.jsonl", 1.0, "body")]
+    cfg = build_config(DataConfig, {"sources": [{"path": "c.parquet", "field": "content", "weight": 0.5}]})
+    assert cfg.sources[0].field == "content" and cfg.sources[0].weight == 0.5
+
+
+def test_text_file_paragraphs_dir_and_glob(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / "a.txt").write_text("first para\nline two\n\n\nsecond para\n")
+    (tmp_path / "sub" / "b.md").write_text("bee")
+    (tmp_path / ".hidden" / "c.txt").write_text("skipped")
+    assert docs(SourceConfig(str(tmp_path / "a.txt"))) == ["first para\nline two\n\n\nsecond para\n"]
+    assert docs(SourceConfig(str(tmp_path / "a.txt"), split="paragraph")) == ["first para\nline two\n",
+                                                                               "second para\n"]
+    assert docs(SourceConfig(str(tmp_path))) == ["first para\nline two\n\n\nsecond para\n", "bee"]
+    assert docs(SourceConfig(str(tmp_path / "**" / "*.md"))) == ["bee"]
+    assert docs(SourceConfig(str(tmp_path / "*.txt"), split="paragraph", max_documents=1)) == ["first para\nline two\n"]
+
+
+def test_jsonl_field_and_parquet_column(tmp_path: Path) -> None:
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"body": "one", "id": 1}\n\n{"body": "two"}\n')
+    assert docs(SourceConfig.from_str(f"{jsonl}:field=body")) == ["one", "two"]
+    table = pa.table({"id": [1, 2, 3], "content": ["alpha", None, "gamma"]})
+    pq.write_table(table, tmp_path / "d.parquet", row_group_size=2)
+    assert docs(SourceConfig.from_str(f"{tmp_path / 'd.parquet'}:field=content")) == ["alpha", "gamma"]
+
+
+def test_source_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "bad.txt").write_bytes(b"ok text \xff\xfe more")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken}\n')
+    (tmp_path / "nofield.jsonl").write_text('{"body": "x"}\n')
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "d.parquet")
+    cases = [
+        (SourceConfig(str(tmp_path / "missing.txt")), r"missing.txt: no such file"),
+        (SourceConfig(str(tmp_path / "*.csv")), r"matches no files"),
+        (SourceConfig(str(tmp_path / "empty.txt")), r"empty.txt: empty file"),
+        (SourceConfig(str(tmp_path / "bad.txt")), r"bad.txt: invalid UTF-8 at byte offset 8"),
+        (SourceConfig(str(tmp_path / "bad.txt"), split="paragraph"), r"byte offset 8"),
+        (SourceConfig(str(tmp_path / "bad.jsonl")), r"bad.jsonl:2: invalid JSON"),
+        (SourceConfig(str(tmp_path / "nofield.jsonl")), r"nofield.jsonl:1: no string field 'text' \(keys: body\)"),
+        (SourceConfig(str(tmp_path / "d.parquet")), r"no column 'text' \(columns: body\)"),
+    ]
+    for source, message in cases:
+        with pytest.raises(DataError, match=message):
+            source.check()
+            docs(source)
+
+
+# ---- mixture and shards ------------------------------------------------------------------------------------
+
+def test_mixture_weights() -> None:
+    def draws(weight: float, seed: int = 0, name: str = "s") -> list[int]:
+        sampler = SourceSampler(weight, seed, name)
+        return [sampler.copies() for _ in range(4000)]
+
+    assert set(draws(2.0)) == {2} and set(draws(0.0)) == {0} and set(draws(1.0)) == {1}
+    assert abs(np.mean(draws(0.5)) - 0.5) < 0.03
+    assert abs(np.mean(draws(2.25)) - 2.25) < 0.03 and set(draws(2.25)) == {2, 3}
+    assert draws(0.5) == draws(0.5) and draws(0.5) != draws(0.5, seed=1) and draws(0.5) != draws(0.5, name="t")
+    assert effective_epochs(30, 10) == 3.0 and effective_epochs(0, 0) == 0.0
+
+
+def test_shard_writer_and_reader_across_boundaries(tmp_path: Path) -> None:
+    writer = ShardWriter(tmp_path, "train", vocab_size=1000, shard_tokens=7)
+    ids = np.arange(30) % 1000
+    writer.write(ids[:3])
+    writer.write(ids[3:25])
+    writer.write(ids[25:])
+    shards = writer.close()
+    assert shards == [f"train_{i:06d}.bin" for i in range(5)] and writer.tokens == 30
+    assert (tmp_path / "train_000004.bin").stat().st_size == 2 * 2  # two uint16 tokens in the last shard
+    meta = {"format": "lmforge-dataset-v1", "dtype": "uint16", "splits": {"train": {"shards": shards}}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    reader = TokenShards(tmp_path, "train")
+    assert len(reader) == 30
+    assert reader.read(5, 20).tolist() == list(range(5, 25)) and reader.read(0, 30).tolist() == list(range(30))
+    assert shard_dtype(65535) == np.uint16 and shard_dtype(65536) == np.uint32
+    with pytest.raises(ValueError, match="outside"):
+        ShardWriter(tmp_path, "val", vocab_size=10).write([3, 10])
+
+
+# ---- prepare end to end ------------------------------------------------------------------------------------
+
+def write_corpus(root: Path) -> tuple[list[str], list[str]]:
+    """A text dir (one file per document, plus junk to filter) and a JSONL file with a 'body' field."""
+    texts_a, texts_b = fixture_texts(40, seed=1), fixture_texts(20, seed=2)
+    (root / "a").mkdir(parents=True)
+    for i, text in enumerate(texts_a):
+        (root / "a" / f"{i:03d}.txt").write_text(text)
+    (root / "a" / "x_short.txt").write_text("tiny")
+    (root / "a" / "x_dup.txt").write_text(texts_a[0].upper())
+    with open(root / "b.jsonl", "w") as f:
+        for text in texts_b:
+            f.write(json.dumps({"body": text, "id": 0}) + "\n")
+    return texts_a, texts_b
+
+
+def data_config(root: Path, out: str, **kwargs) -> DataConfig:
+    sources = [SourceConfig(str(root / "a"), name="a"), SourceConfig(str(root / "b.jsonl"), name="b", field="body",
+                                                                     weight=2.0)]
+    return DataConfig(**{"sources": sources, "out_dir": str(root / out), "vocab_size": 300, "val_fraction": 0.2,
+                         "num_workers": 1, "shard_tokens": 500, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str], list[str]]:
+    root = tmp_path_factory.mktemp("corpus")
+    texts_a, texts_b = write_corpus(root)
+    return root, prepare_dataset(data_config(root, "ds")), texts_a, texts_b
+
+
+def test_prepare_meta_and_exact_token_readback(prepared) -> None:
+    root, out, texts_a, texts_b = prepared
+    meta = read_meta(out)
+    tok = Tokenizer.load(out / "tokenizer")
+    assert meta["vocab_size"] == tok.vocab_size <= 300 and meta["dtype"] == "uint16"
+    assert meta["eos_id"] == tok.eos_id and meta["tokenizer_fingerprint"] == tok.fingerprint
+    assert meta["tokenizer_dir"] == str((out / "tokenizer").resolve())
+    assert meta["filters"]["min_chars"] == 1 and meta["dedup"] == {"exact": 1, "near": 0}
+    a, b = meta["sources"]["a"], meta["sources"]["b"]
+    assert (a["documents"], a["kept_documents"], b["documents"], b["kept_documents"]) == (42, 40, 20, 20)
+    assert a["removed"] == {"min_chars": 1, "exact": 1} and b["weight"] == 2.0
+
+    train_a = [t for t in texts_a if _split_of(t, 0.2) == "train"]
+    train_b = [t for t in texts_b if _split_of(t, 0.2) == "train"]
+    val = [t for t in texts_a + texts_b if _split_of(t, 0.2) == "val"]
+    assert 0 < len(val) < 30 and b["epochs"] == 2.0 and a["epochs"] == 1.0
+    # Pass 0 holds every train document once, pass 1 the second copy of source b's (weight 2.0).
+    for split, expected in (("train", train_a + train_b + train_b), ("val", val)):
+        ids = [i for t in expected for i in tok.encode(t) + [tok.eos_id]]
+        reader = TokenShards(out, split)
+        assert reader.read(0, len(reader)).tolist() == ids
+        info = meta["splits"][split]
+        assert info["tokens"] == len(ids) and info["documents"] == len(expected)
+        assert info["bytes"] == sum(len(t.encode()) for t in expected)
+    assert len(meta["splits"]["train"]["shards"]) > 1
+    assert a["train_tokens"] + b["train_tokens"] == meta["splits"]["train"]["tokens"]
+    assert "### a: document 1\n" in (out / "samples.txt").read_text()
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".bin")) == ["meta.json", "samples.txt",
+                                                                                     "tokenizer"]
+
+
+def test_parallel_output_identical_and_given_tokenizer(prepared) -> None:
+    root, out, _, _ = prepared
+    parallel = prepare_dataset(data_config(root, "ds_parallel", num_workers=2, batch_documents=8,
+                                           tokenizer=str(out / "tokenizer")))
+    meta, meta_parallel = read_meta(out), read_meta(parallel)
+    for key in ("splits", "sources", "filters", "dedup", "tokenizer_fingerprint"):
+        assert meta[key] == meta_parallel[key]
+    for name in meta["splits"]["train"]["shards"] + meta["splits"]["val"]["shards"]:
+        assert (out / name).read_bytes() == (parallel / name).read_bytes()
+
+
+def test_prepare_stdlib_docstrings(tmp_path: Path) -> None:
+    cfg = DataConfig(sources=[SourceConfig.from_str("stdlib-docstrings:max_documents=200")],
+                     out_dir=str(tmp_path / "ds"), vocab_size=300, num_workers=1)
+    meta = read_meta(prepare_dataset(cfg))
+    source = meta["sources"]["stdlib-docstrings"]
+    assert source["documents"] == 200 and source["kept_documents"] >= 120
+    assert sum(meta["filters"].values()) + sum(meta["dedup"].values()) == 200 - source["kept_documents"]
+    assert meta["splits"]["train"]["tokens"] > 1000
+
+
+def test_failed_prepare_leaves_existing_dataset_intact(prepared, tmp_path: Path) -> None:
+    root, out, _, _ = prepared
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bad.txt").write_bytes(b"\xc3\x28 broken")
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    (tmp_path / "short.txt").write_text("hi")
+    cases = [("missing.txt", "no such file"), ("empty.txt", "empty file"),
+             ("bad.txt", "invalid UTF-8 at byte offset 0"), ("bad.jsonl", r"bad.jsonl:1: invalid JSON"),
+             ("short.txt", "no documents left.*min_chars 1")]
+    for name, message in cases:
+        cfg = data_config(root, "ds", sources=[SourceConfig(str(tmp_path / name))])
+        with pytest.raises(DataError, match=message):
+            prepare_dataset(cfg)
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".ds")]  # no temp dirs left behind
+
+
+def test_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="at least one source"):
+        prepare_dataset(DataConfig(out_dir=str(tmp_path / "x")))
+    with pytest.raises(ConfigError, match="distinct"):
+        prepare_dataset(DataConfig(sources=[SourceConfig("kjv"), SourceConfig("kjv")], out_dir=str(tmp_path)))

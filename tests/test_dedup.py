@@ -1,0 +1,67 @@
+"""Exact and MinHash near-duplicate removal of lmforge.data.dedup."""
+
+from __future__ import annotations
+
+import random
+
+from lmforge.data.dedup import DedupConfig, Deduplicator, Fingerprinter, normalize_for_dedup
+
+WORDS = ("river stone light garden window morning music letter forest quiet winter market paper silver "
+         "mountain yellow station kitchen summer painter harbor evening bridge candle meadow village "
+         "teacher orchard thunder basket lantern feather island pocket marble ribbon saddle tunnel").split()
+
+
+def paragraph(seed: int, n: int = 100) -> list[str]:
+    rng = random.Random(seed)
+    return [rng.choice(WORDS) for _ in range(n)]
+
+
+def run(texts: list[str], cfg: DedupConfig | None = None) -> list[str | None]:
+    cfg = cfg or DedupConfig()
+    dedup, fingerprint = Deduplicator(cfg), Fingerprinter(cfg)
+    return [dedup.check(fingerprint(t)) for t in texts]
+
+
+def test_normalize_for_dedup() -> None:
+    assert normalize_for_dedup("  Hello,\tWORLD!  It's   me. ") == "hello world it s me"
+
+
+def test_exact_duplicates_after_normalization() -> None:
+    assert run(["Hello, world! A fine day.", "hello world a fine day", "Hello world, a fine night."]) == \
+        [None, "exact", None]
+
+
+def test_near_duplicate_with_one_word_changed_is_removed() -> None:
+    base = paragraph(0)
+    changed = list(base)
+    changed[50] = "zebra"
+    other = paragraph(1)
+    assert run([" ".join(base), " ".join(changed), " ".join(other)]) == [None, "near", None]
+
+
+def test_distinct_paragraphs_are_kept() -> None:
+    texts = [" ".join(paragraph(seed)) for seed in range(20)]
+    assert run(texts) == [None] * 20
+
+
+def test_switches_and_counts() -> None:
+    base = " ".join(paragraph(0))
+    changed = base.replace(base.split()[10], "zebra", 1)
+    assert run([base, base, changed], DedupConfig(exact=False, near=False)) == [None, None, None]
+    assert run([base, base, changed], DedupConfig(near=False)) == [None, "exact", None]
+    dedup, fingerprint = Deduplicator(DedupConfig()), Fingerprinter(DedupConfig())
+    for text in (base, base, changed):
+        dedup.check(fingerprint(text))
+    assert dedup.removed == {"exact": 1, "near": 1}
+
+
+def test_short_documents_are_one_shingle() -> None:
+    # Two short glosses that differ by one word share no shingle, so both stay.
+    assert run(["a member of the genus Canis", "a member of the genus Felis"]) == [None, None]
+
+
+def test_lsh_candidates_below_threshold_are_kept() -> None:
+    # The LSH pairs these glosses (they share 7 of 11 distinct 5-word shingles: Jaccard 0.64), the check keeps both.
+    assert run(["matrimonial law (noun): that branch of jurisprudence that studies the laws governing matrimony",
+                "patent law (noun): that branch of jurisprudence that studies the laws governing patents"]) == \
+        [None, None]
