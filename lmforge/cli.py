@@ -76,16 +76,16 @@ def _add_config_options(parser: argparse.ArgumentParser, cfg_cls: type, position
     parser.add_argument("--config", metavar="FILE", default=None, help="TOML, YAML or JSON config file")
     for key in positionals:
         parser.add_argument(f"_pos_{key}", metavar=key.upper(), nargs="?", default=None, help=f"same as --{key}")
-    for key, tp, default in flat_fields(cfg_cls):
+    for key, tp, default, comment in flat_fields(cfg_cls):
         is_bool = tp is bool or tp == typing.Optional[bool]
         is_list = typing.get_origin(tp) in (list, tuple)
         shown = "" if default in (None, "", [], ()) else f", default {default}"
         kwargs: dict[str, Any] = dict(dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar="V",
-                                      help=f"({_type_name(tp)}{shown})")
+                                      help=f"{comment} ({_type_name(tp)}{shown})".lstrip())
         if is_bool:
             kwargs.update(nargs="?", const="true")
         if is_list:  # repeat the option for several values: --prompt 'Hello, world' --prompt 'Hi'
-            kwargs.update(action="append", help=f"(repeatable{shown})")
+            kwargs.update(action="append", help=f"{comment} (repeatable{shown})".lstrip())
         names = [f"--{key}"]
         if "_" in key:
             names.append(f"--{key.replace('_', '-')}")

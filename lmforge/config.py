@@ -8,8 +8,10 @@ defaults, then a file, then command-line overrides, in that order. An unknown ke
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -178,9 +180,22 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def flat_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, type, default) for every leaf field of `cls`, used to build CLI options."""
+_FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+?)\s*$")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field in the class source: the CLI shows it as the option's help."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2) for m in map(_FIELD_COMMENT.match, source.splitlines()) if m}
+
+
+def flat_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
+    """(dotted key, type, default, help) for every leaf field of `cls`, used to build CLI options."""
     out = []
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
@@ -190,5 +205,5 @@ def flat_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any]]:
         else:
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            out.append((f"{prefix}{f.name}", tp, default))
+            out.append((f"{prefix}{f.name}", tp, default, comments.get(f.name, "")))
     return out

@@ -13,7 +13,7 @@ from lmforge.model.config import ModelConfig
 @dataclass
 class Inner:
     lr: float = 1e-3
-    steps: int = 10
+    steps: int = 10  # optimizer steps
     schedule: Literal["cosine", "wsd"] = "cosine"
 
 
@@ -78,8 +78,9 @@ def test_overrides_cannot_descend_into_a_value():
 
 
 def test_flat_fields_lists_leaves():
-    keys = [k for k, _, _ in flat_fields(Outer)]
+    keys = [k for k, _, _, _ in flat_fields(Outer)]
     assert keys == ["name", "compile", "tags", "limit", "train.lr", "train.steps", "train.schedule"]
+    assert dict((k, h) for k, _, _, h in flat_fields(Outer))["train.steps"] == "optimizer steps"
 
 
 def test_model_config_derived_fields_and_errors():
