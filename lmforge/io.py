@@ -69,3 +69,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
+
+
+def load_safetensors(path: str | os.PathLike) -> dict:
+    """Read a safetensors file into a dict of CPU tensors; a missing or corrupt file is a one-line LmforgeError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from lmforge.errors import LmforgeError
+
+    if not Path(path).is_file():
+        raise LmforgeError(f"weights file {path}: not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise LmforgeError(f"weights file {path}: not a readable safetensors file ({exc})") from None

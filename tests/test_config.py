@@ -94,3 +94,17 @@ def test_model_config_derived_fields_and_errors():
     llama = ModelConfig.preset("tiny-llama", vocab_size=300)
     assert llama.vocab_size == 300 and llama.positions == "rope" and llama.n_kv_head == 2
     assert ModelConfig.from_dict(llama.to_dict()) == llama
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    from lmforge.data.prepare import DataConfig
+    from lmforge.train.config import PretrainConfig
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    data = load_config(DataConfig, configs / "data-wordnet-kjv.toml")
+    assert [s.weight for s in data.sources] == [2.0, 0.5]
+    llama = load_config(PretrainConfig, configs / "pretrain-llama-small.toml")
+    gpt2 = load_config(PretrainConfig, configs / "pretrain-gpt2-small.yaml")
+    assert llama.model.n_kv_head == 2 and gpt2.model.tie_embeddings and gpt2.train.schedule == "wsd"

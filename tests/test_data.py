@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +18,7 @@ from lmforge.data.sources import SourceConfig
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import Tokenizer
 
-WORDS = ("the a river stone light garden window morning music letter forest quiet winter market paper silver "
-         "mountain yellow station kitchen summer painter harbor evening bridge candle meadow village teacher "
-         "orchard thunder basket lantern feather island pocket marble ribbon saddle tunnel walks sings opens "
-         "carries finds under over near with from slowly brightly").split()
-
-
-def fixture_texts(n: int, seed: int = 0) -> list[str]:
-    """Distinct, already-clean documents of 12-40 words (clean_document leaves them unchanged)."""
-    rng = random.Random(seed)
-    texts = []
-    for _ in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(12, 40))]
-        texts.append(" ".join(words).capitalize() + ".")
-    return texts
-
+from conftest import fixture_texts
 
 def docs(source: SourceConfig) -> list[str]:
     return [d.text for d in source.documents()]

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lmforge.errors import LmforgeError
-from lmforge.io import atomic_path, atomic_write_text
+from lmforge.io import atomic_path, atomic_write_text, load_safetensors
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 
@@ -300,15 +300,13 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 def _read_hf_weights(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
     if (path / "model.safetensors").is_file():
-        return load_file(str(path / "model.safetensors"))
+        return load_safetensors(path / "model.safetensors")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         state: dict[str, Tensor] = {}
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(str(path / shard)))
+            state.update(load_safetensors(path / shard))
         return state
     raise LmforgeError(f"{path}: no model.safetensors or model.safetensors.index.json "
                        "(only safetensors checkpoints are supported)")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.errors import LmforgeError, PromptTooLongError
+from lmforge.io import load_safetensors
 from lmforge.model.config import ModelConfig
 from lmforge.model.kv_cache import KVCache
 
@@ -303,15 +304,13 @@ class Transformer(nn.Module):
     @classmethod
     def from_dir(cls, directory: str | Path, device: Optional[torch.device | str] = None) -> "Transformer":
         """Load a model dir written by `save`. Raises LmforgeError if a file is missing or does not match."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
                 raise LmforgeError(f"{directory / name} not found: expected an lmforge model dir "
                                    f"({CONFIG_FILE} + {WEIGHTS_FILE})")
         model = cls(ModelConfig.load(directory / CONFIG_FILE))
-        model.load_weights(load_file(str(directory / WEIGHTS_FILE)), source=str(directory / WEIGHTS_FILE))
+        model.load_weights(load_safetensors(directory / WEIGHTS_FILE), source=str(directory / WEIGHTS_FILE))
         return model.to(device) if device is not None else model
 
     def load_weights(self, state: dict[str, Tensor], source: str = "state dict") -> None:

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any, ContextManager, Optional
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from lmforge.config import config_to_dict
 from lmforge.data.shards import TokenShards, read_meta
 from lmforge.errors import ConfigError, DataError, LmforgeError, TokenizerMismatchError
-from lmforge.io import atomic_write_json
+from lmforge.io import atomic_write_json, load_safetensors
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 from lmforge.objectives.causal_lm import causal_lm_loss
@@ -183,7 +182,7 @@ class PretrainRun:
         if ModelConfig.load(checkpoint / "config.json") != self.raw.config:
             raise ConfigError(f"resume: the model config differs from the one in {checkpoint}")
         weights = checkpoint / "model.safetensors"
-        self.raw.load_weights(load_file(str(weights)), source=str(weights))
+        self.raw.load_weights(load_safetensors(weights), source=str(weights))
         saved = load_trainer_state(checkpoint)
         self.state = RunState(saved["step"], saved["tokens_seen"], saved["best_val_loss"])
         self.sampler.load_state_dict(saved["sampler"])
@@ -283,3 +282,7 @@ class PretrainRun:
         save_model_dir(self.raw, self.run_dir / "final", self.meta.get("tokenizer_dir"))
         plot_loss(self.metrics.read(), self.run_dir / "loss.png")
         atomic_write_json(self.run_dir / "summary.json", summary)
+        val = "" if summary["val_loss"] is None else (
+            f"; val loss {summary['val_loss']:.4f}, {summary['val_bpb']:.4f} bits/byte")
+        print(f"pretrain: {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
+              f"{summary['tokens_per_s']:,.0f} tokens/s{val}; model dir {self.run_dir / 'final'}")

@@ -1,0 +1,33 @@
+"""Shared test fixtures: deterministic English-like documents and a tiny prepared dataset built through the CLI."""
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # tiny models: one thread is fastest and keeps parallel CI jobs from fighting over cores
+
+WORDS = ("the a river stone light garden window morning music letter forest quiet winter market paper silver "
+         "mountain yellow station kitchen summer painter harbor evening bridge candle meadow village teacher "
+         "orchard thunder basket lantern feather island pocket marble ribbon saddle tunnel walks sings opens "
+         "carries finds under over near with from slowly brightly").split()
+
+
+def fixture_texts(n: int, seed: int = 0) -> list[str]:
+    """Distinct, already-clean documents of 12-40 words (clean_document leaves them unchanged)."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(12, 40))]
+        texts.append(" ".join(words).capitalize() + ".")
+    return texts
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory of 120 small text files (one document each)."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i, text in enumerate(fixture_texts(120, seed=7)):
+        (root / f"doc_{i:03d}.txt").write_text(text + "\n", encoding="utf-8")
+    return root
