@@ -70,5 +70,7 @@ def test_quickstart_command_end_to_end(tmp_path, capsys):
     for key in ("parameters", "tokens_seen", "wall_s", "val_bpb", "tokens_per_s"):
         assert summary[key] > 0, key
     assert "bits/byte" in printed and summary["samples"][0]["prompt"] in printed
-    # running it again replaces the previous run instead of refusing
+    # running it again reuses the prepared data and replaces the previous run instead of refusing
     assert main(args) == 0
+    assert "reusing" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4

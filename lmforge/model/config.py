@@ -96,7 +96,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # tiny configs for tests and the quickstart
     "tiny-gpt2": dict(_GPT2, vocab_size=512, block_size=128, n_layer=2, n_head=4, d_model=64),
     "tiny-llama": dict(_LLAMA, vocab_size=512, block_size=128, n_layer=2, n_head=4, n_kv_head=2, d_model=64),
-    "quickstart": dict(_LLAMA, vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_kv_head=2, d_model=192),
+    "quickstart": dict(_LLAMA, vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_kv_head=2, d_model=128),
     # reference shapes
     "gpt2": dict(_GPT2, n_layer=12, n_head=12, d_model=768),
     "gpt2-medium": dict(_GPT2, n_layer=24, n_head=16, d_model=1024),
