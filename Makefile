@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 quickstart: install
-	$(VENV)/bin/lmforge quickstart --out runs/quickstart
+	$(VENV)/bin/lmforge quickstart --out_dir runs/quickstart
 
 test: install
 	$(PY) -m pytest -q --timeout 900
