@@ -82,8 +82,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
         if dataclasses.is_dataclass(item_tp) and hasattr(item_tp, "from_str"):
             # shorthand specs may be comma-separated: --sources wordnet,kjv:0.5
-            value = [part.strip() if isinstance(part, str) else part for v in value for part in (v.split(",") if isinstance(v, str) else [v])
-                     if not isinstance(part, str) or part.strip()]
+            parts = [v.split(",") if isinstance(v, str) else [v] for v in value]
+            value = [p.strip() if isinstance(p, str) else p for group in parts for p in group
+                     if not isinstance(p, str) or p.strip()]
         items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from lmforge.errors import LmforgeError
-
-TOKENIZER_FILES = ("tokenizer.json", "lmforge_tokenizer.json")
-
 
 def is_lmforge_dir(path: str | Path) -> bool:
     config = Path(path) / "config.json"
@@ -35,15 +31,6 @@ def load(path: str | Path):
         raise LmforgeError(f"model dir {path}: no config.json (expected an lmforge or Hugging Face model dir)")
     model = Transformer.from_dir(path) if is_lmforge_dir(path) else from_hf_dir(path)
     return model.eval()
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
 
 
 def _write_hf_tokenizer_config(dst: Path) -> None:
@@ -71,6 +58,7 @@ def convert(cfg: ConvertConfig) -> Path:
     """Convert `cfg.src` to the other format in `cfg.dst`; the tokenizer files travel with the weights."""
     from lmforge.io import atomic_path
     from lmforge.model.hf import to_hf_dir
+    from lmforge.tokenizer import copy_tokenizer_files
 
     if not cfg.src or not cfg.dst:
         raise LmforgeError("convert needs a source and a destination: lmforge convert SRC DST [--to hf|lmforge]")

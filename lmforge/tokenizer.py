@@ -48,6 +48,19 @@ CHAT_TEMPLATE = (
 )
 TOKENIZER_FILE = "tokenizer.json"
 LMFORGE_FILE = "lmforge_tokenizer.json"
+TOKENIZER_FILES = (TOKENIZER_FILE, LMFORGE_FILE)
+
+
+def copy_tokenizer_files(src_dir: str | os.PathLike | None, dst_dir: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files present in `src_dir` into `dst_dir` (a model dir then stands alone); return names."""
+    import shutil
+
+    if not src_dir or not Path(src_dir).is_dir():
+        return []
+    copied = [name for name in TOKENIZER_FILES if (Path(src_dir) / name).is_file()]
+    for name in copied:
+        shutil.copy2(Path(src_dir) / name, Path(dst_dir) / name)
+    return copied
 
 
 class Tokenizer:
@@ -389,6 +402,6 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     print(f"tokenizer: {report['vocab_size']} tokens trained on {report['training_documents']:,} documents "
           f"({report['training_bytes']:,} bytes) in {report['seconds']} s -> {report['out_dir']}")
     if report["bytes_per_token"] is not None:
-        print(f"tokenizer: held-out {report['heldout_documents']:,} documents: {report['bytes_per_token']} bytes/token, "
-              f"{report['chars_per_token']} chars/token")
+        print(f"tokenizer: held-out {report['heldout_documents']:,} documents: "
+              f"{report['bytes_per_token']} bytes/token, {report['chars_per_token']} chars/token")
     return report

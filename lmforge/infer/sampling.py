@@ -1,8 +1,9 @@
 """Next-token selection: pure functions on a batch of logits (B, V), one rule each.
 
 `warp_logits` applies them in the order Hugging Face `generate` does (repetition penalty, temperature, top-k,
-top-p) and `sample_next` then draws from the softmax (or takes the argmax when temperature is 0). Every filter returns new logits with the
-removed tokens set to -inf, so filters compose and the draw is a plain categorical over what is left.
+top-p) and `sample_next` then draws from the softmax (or takes the argmax when temperature is 0). Every filter
+returns new logits with the removed tokens set to -inf, so filters compose and the draw is a plain categorical over
+what is left.
 """
 
 from __future__ import annotations

@@ -18,29 +18,20 @@ import torch
 from torch import nn
 
 from lmforge.io import atomic_path
+from lmforge.tokenizer import copy_tokenizer_files
 
 TRAINER_STATE = "trainer_state.pt"
-TOKENIZER_FILES = ("tokenizer.json", "lmforge_tokenizer.json")
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step}"
 
 
-def copy_tokenizer(tokenizer_dir: Optional[str | Path], model_dir: Path) -> None:
-    """Copy the tokenizer files that exist in `tokenizer_dir` into `model_dir`, so the model dir stands alone."""
-    if not tokenizer_dir or not Path(tokenizer_dir).is_dir():
-        return
-    for name in TOKENIZER_FILES:
-        if (Path(tokenizer_dir) / name).is_file():
-            shutil.copy2(Path(tokenizer_dir) / name, model_dir / name)
-
-
 def write_model_files(model: nn.Module, directory: Path, tokenizer_dir: Optional[str | Path]) -> None:
     """Fill the new dir `directory` with a model dir: config.json, model.safetensors and the tokenizer files."""
     directory.mkdir(parents=True)
     model.save(directory)
-    copy_tokenizer(tokenizer_dir, directory)
+    copy_tokenizer_files(tokenizer_dir, directory)
 
 
 def save_model_dir(model: nn.Module, path: Path, tokenizer_dir: Optional[str | Path]) -> None:
