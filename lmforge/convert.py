@@ -46,6 +46,23 @@ def _write_hf_tokenizer_config(dst: Path) -> None:
     (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _source_tokenizer(src: Path):
+    """The tokenizer in model dir `src`: an lmforge tokenizer dir, else a plain HF tokenizer.json whose special
+    tokens can be resolved (`Tokenizer.from_hf`), else None."""
+    from lmforge.errors import DataError
+    from lmforge.tokenizer import LMFORGE_FILE, TOKENIZER_FILE, Tokenizer
+
+    if (src / LMFORGE_FILE).is_file():
+        return Tokenizer.load(src)
+    if not (src / TOKENIZER_FILE).is_file():
+        return None
+    try:
+        return Tokenizer.from_hf(src)
+    except DataError as exc:  # e.g. no recognizable eos token: convert the weights, keep the files as they are
+        print(f"convert: note: {exc}; special token ids not recorded")
+        return None
+
+
 @dataclass
 class ConvertConfig:
     src: str = ""  # an lmforge model dir or a Hugging Face model dir
@@ -56,7 +73,7 @@ class ConvertConfig:
 
 def convert(cfg: ConvertConfig) -> Path:
     """Convert `cfg.src` to the other format in `cfg.dst`; the tokenizer files travel with the weights."""
-    from lmforge.io import atomic_path
+    from lmforge.io import atomic_path, check_replaceable_dir
     from lmforge.model.hf import to_hf_dir
     from lmforge.tokenizer import copy_tokenizer_files
 
@@ -66,15 +83,22 @@ def convert(cfg: ConvertConfig) -> Path:
     if src.resolve() == dst.resolve():
         raise LmforgeError(f"convert: destination {dst} is the source; choose another dir")
     to = cfg.to if cfg.to != "auto" else ("hf" if is_lmforge_dir(src) else "lmforge")
+    check_replaceable_dir(dst, "config.json", "model dir")
     model = load(src)
+    tokenizer = _source_tokenizer(src)
     with atomic_path(dst) as tmp:
         if to == "hf":
-            to_hf_dir(model, tmp, family=cfg.family)
+            # the special token ids go into config.json, so that HF generate() stops at eos
+            ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_id") for role in ("bos", "eos", "pad")} \
+                if tokenizer is not None else {}
+            to_hf_dir(model, tmp, family=cfg.family, **ids)
+            copy_tokenizer_files(src, tmp)
+            _write_hf_tokenizer_config(tmp)
         else:
             model.save(tmp)
-        copy_tokenizer_files(src, tmp)
-        if to == "hf":
-            _write_hf_tokenizer_config(tmp)
+            copy_tokenizer_files(src, tmp)
+            if tokenizer is not None and not (src / "lmforge_tokenizer.json").is_file():
+                tokenizer.save(tmp)  # lmforge_tokenizer.json records the special tokens resolved from the HF files
     print(f"converted {src} -> {dst} ({to} format, {model.num_parameters():,} parameters)")
     return dst
 

@@ -53,6 +53,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _recover_leftovers(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
@@ -69,6 +70,58 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _leftovers(path: Path, kind: str) -> Iterator[tuple[Path, int]]:
+    """(sibling, pid) for each `.{name}.{kind}-PID` beside `path`."""
+    prefix = f".{path.name}.{kind}-"
+    if not path.parent.is_dir():
+        return
+    for sibling in path.parent.iterdir():
+        if sibling.name.startswith(prefix) and sibling.name[len(prefix):].isdigit():
+            yield sibling, int(sibling.name[len(prefix):])
+
+
+def _recover_leftovers(path: Path) -> None:
+    """Clean up after an `atomic_path` whose process was killed: put back a target it had moved aside
+    (`.{name}.old-PID` with `path` missing: killed between the two renames) and delete its temp files/dirs."""
+    dead = lambda pid: pid != os.getpid() and not _pid_alive(pid)  # noqa: E731
+    if not path.exists():
+        olds = sorted((p for p, pid in _leftovers(path, "old") if dead(pid)), key=lambda p: p.stat().st_mtime)
+        if olds:
+            os.replace(olds[-1], path)
+    for kind in ("tmp", "old") if path.exists() else ("tmp",):
+        for p, pid in _leftovers(path, kind):
+            if dead(pid):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def check_replaceable_dir(path: str | os.PathLike, marker: str, what: str) -> None:
+    """Refuse to let `atomic_path` replace an existing, non-empty dir that lacks `marker` (not ours to delete).
+
+    A missing path, an empty dir, or a dir holding `marker` passes. Anything else is a one-line LmforgeError.
+    """
+    from lmforge.errors import LmforgeError
+
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise LmforgeError(f"{path} exists and is not a {what} (not a directory); choose another output dir or "
+                           "delete it")
+    if (path / marker).is_file() or not any(path.iterdir()):
+        return
+    raise LmforgeError(f"{path} exists and is not a {what} (no {marker}); choose another output dir or delete it")
 
 
 def load_safetensors(path: str | os.PathLike) -> dict:

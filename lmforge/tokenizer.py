@@ -31,9 +31,10 @@ from typing import Iterable, Iterator, Optional
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from lmforge.data.mixture import hash_fraction
 from lmforge.data.sources import SourceConfig
 from lmforge.errors import ConfigError, DataError, TokenizerMismatchError
-from lmforge.io import atomic_write_bytes, atomic_write_json
+from lmforge.io import atomic_path, atomic_write_bytes, atomic_write_json, check_replaceable_dir
 
 # GPT-4 (cl100k) split pattern with numbers in runs of at most two digits, as nanochat uses for small vocabularies.
 SPLIT_PATTERN = (
@@ -49,6 +50,7 @@ CHAT_TEMPLATE = (
 TOKENIZER_FILE = "tokenizer.json"
 LMFORGE_FILE = "lmforge_tokenizer.json"
 TOKENIZER_FILES = (TOKENIZER_FILE, LMFORGE_FILE)
+MIN_VOCAB_SIZE = 256 + len(DEFAULT_SPECIAL_TOKENS)  # the byte alphabet + the default special tokens
 
 
 def copy_tokenizer_files(src_dir: str | os.PathLike | None, dst_dir: str | os.PathLike) -> list[str]:
@@ -330,30 +332,24 @@ class TokenizerTrainConfig:
     training characters (None = all). cache_dir: where built-in corpora are cached (None = $LMFORGE_CACHE).
     """
 
-    input: list[str] = field(default_factory=lambda: ["stdlib-docstrings"])
-    out_dir: str = "out/tokenizer"
-    vocab_size: int = 8192
-    min_frequency: int = 2
-    heldout_fraction: float = 0.02
-    max_chars: Optional[int] = 100_000_000
-    cache_dir: Optional[str] = None
+    input: list[str] = field(default_factory=lambda: ["stdlib-docstrings"])  # text sources, as `lmforge data` takes
+    out_dir: str = "out/tokenizer"  # the tokenizer dir to write (replaced atomically if it exists)
+    vocab_size: int = 8192  # tokens in all: 256 bytes + special tokens + merges
+    min_frequency: int = 2  # a pair must occur this often to be merged
+    heldout_fraction: float = 0.02  # share of documents (by text hash) held out to measure bytes/token
+    max_chars: Optional[int] = 100_000_000  # stop reading after this many training characters (None = all)
+    cache_dir: Optional[str] = None  # built-in corpus cache; None = $LMFORGE_CACHE or ~/.cache/lmforge
 
     def __post_init__(self) -> None:
         if not self.input:
             raise ConfigError("input: give at least one text source")
-        floor = 256 + len(DEFAULT_SPECIAL_TOKENS)
-        if self.vocab_size < floor:
-            raise ConfigError(f"vocab_size: must be at least {floor} (256 bytes + {len(DEFAULT_SPECIAL_TOKENS)} "
-                              f"special tokens), got {self.vocab_size}")
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise ConfigError(f"vocab_size: must be at least {MIN_VOCAB_SIZE} (256 bytes + "
+                              f"{len(DEFAULT_SPECIAL_TOKENS)} special tokens), got {self.vocab_size}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ConfigError(f"heldout_fraction: must be in [0, 1), got {self.heldout_fraction}")
         if self.max_chars is not None and self.max_chars <= 0:
             raise ConfigError(f"max_chars: must be positive or None, got {self.max_chars}")
-
-
-def _is_heldout(text: str, fraction: float) -> bool:
-    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < fraction * 2**64
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
@@ -362,6 +358,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     sources = [SourceConfig.from_str(spec) for spec in cfg.input]
     for source in sources:
         source.check()
+    check_replaceable_dir(cfg.out_dir, TOKENIZER_FILE, "tokenizer dir")
     stats = {"training_documents": 0, "training_chars": 0, "training_bytes": 0}
     heldout: list[str] = []
     heldout_budget = HELDOUT_MAX_CHARS
@@ -375,7 +372,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
             for doc in source.documents(cfg.cache_dir):
                 if cfg.max_chars is not None and stats["training_chars"] >= cfg.max_chars:
                     return
-                if _is_heldout(doc.text, cfg.heldout_fraction):
+                if hash_fraction(doc.text, cfg.heldout_fraction):
                     if heldout_chars < heldout_budget:
                         heldout.append(doc.text)
                         heldout_chars += len(doc.text)
@@ -388,17 +385,19 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     tokenizer = Tokenizer.train(training_texts(), cfg.vocab_size, min_frequency=cfg.min_frequency)
     if stats["training_documents"] == 0:
         raise DataError(f"input {', '.join(cfg.input)}: no training documents (all empty or held out)")
-    tokenizer.save(cfg.out_dir)
     report: dict = {"out_dir": str(Path(cfg.out_dir).resolve()), "vocab_size": tokenizer.vocab_size,
                     "fingerprint": tokenizer.fingerprint, **stats, "heldout_documents": len(heldout),
                     "heldout_bytes": sum(len(t.encode("utf-8", "replace")) for t in heldout),
                     "bytes_per_token": None, "chars_per_token": None}
-    if heldout:
-        n_tokens = sum(map(len, tokenizer.encode_batch(heldout)))
-        report["bytes_per_token"] = round(report["heldout_bytes"] / max(n_tokens, 1), 4)
-        report["chars_per_token"] = round(heldout_chars / max(n_tokens, 1), 4)
+    if heldout and report["heldout_bytes"]:
+        bytes_per_token = tokenizer.bytes_per_token(heldout)
+        report["bytes_per_token"] = round(bytes_per_token, 4)
+        report["chars_per_token"] = round(heldout_chars * bytes_per_token / report["heldout_bytes"], 4)
     report["seconds"] = round(time.time() - start, 2)
-    atomic_write_json(Path(cfg.out_dir) / "train_report.json", report)
+    with atomic_path(cfg.out_dir) as build_dir:  # an existing tokenizer dir is replaced only once all is written
+        build_dir.mkdir()
+        tokenizer.save(build_dir)
+        atomic_write_json(build_dir / "train_report.json", report)
     print(f"tokenizer: {report['vocab_size']} tokens trained on {report['training_documents']:,} documents "
           f"({report['training_bytes']:,} bytes) in {report['seconds']} s -> {report['out_dir']}")
     if report["bytes_per_token"] is not None:

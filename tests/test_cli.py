@@ -84,3 +84,35 @@ def test_list_options_repeat_and_keep_commas():
     cmd, rest = find_command(["generate", "--prompt", "Hello, world", "--prompt", "Hi", "--stop", ","])
     args = vars(build_parser(cmd).parse_args(rest))
     assert args["cfg:prompt"] == ["Hello, world", "Hi"] and args["cfg:stop"] == [","]
+
+
+def test_convert_records_special_token_ids(tmp_path):
+    import json
+
+    from lmforge.tokenizer import MIN_VOCAB_SIZE, Tokenizer
+
+    _, path = _tiny_model(tmp_path)
+    tokenizer = Tokenizer.train(["hello world, the quick brown fox"] * 20, vocab_size=MIN_VOCAB_SIZE)
+    tokenizer.save(path)
+    hf_dir, back_dir = tmp_path / "hf", tmp_path / "back"
+    assert main(["convert", str(path), str(hf_dir), "--to", "hf"]) == 0
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert (config["eos_token_id"], config["bos_token_id"], config["pad_token_id"]) == (
+        tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id)
+    (hf_dir / "lmforge_tokenizer.json").unlink()  # a plain HF dir: tokenizer.json + tokenizer_config.json
+    assert main(["convert", str(hf_dir), str(back_dir)]) == 0
+    back = Tokenizer.load(back_dir)
+    assert back.eos_id == tokenizer.eos_id and back.fingerprint == tokenizer.fingerprint
+
+
+def test_convert_refuses_to_replace_a_dir_that_is_not_a_model(tmp_path, capsys):
+    _, path = _tiny_model(tmp_path)
+    run_dir = tmp_path / "runs" / "x"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    assert main(["convert", str(path), str(run_dir), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert "exists and is not a model dir (no config.json)" in err and err.count("\n") == 1
+    assert (run_dir / "metrics.jsonl").read_text() == "{}\n"
+    assert main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) == 0  # a model dir is replaced

@@ -15,7 +15,7 @@ from lmforge.data.mixture import SourceSampler, effective_epochs
 from lmforge.data.prepare import DataConfig, _split_of, prepare_dataset
 from lmforge.data.shards import ShardWriter, TokenShards, read_meta, shard_dtype
 from lmforge.data.sources import SourceConfig
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.tokenizer import Tokenizer
 
 from conftest import fixture_texts
@@ -238,3 +238,41 @@ def test_config_errors(tmp_path: Path) -> None:
         prepare_dataset(DataConfig(out_dir=str(tmp_path / "x")))
     with pytest.raises(ConfigError, match="distinct"):
         prepare_dataset(DataConfig(sources=[SourceConfig("kjv"), SourceConfig("kjv")], out_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="vocab_size must be at least 271"):
+        prepare_dataset(DataConfig(sources=[SourceConfig("kjv")], out_dir=str(tmp_path / "x"), vocab_size=270))
+
+
+def test_prepare_never_replaces_a_dir_that_is_not_a_dataset(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text(fixture_texts(1, seed=3)[0])
+    sources = [SourceConfig(str(data / "*.txt"))]
+    with pytest.raises(LmforgeError, match=r"data exists and is not a dataset dir \(no meta.json\); choose another"):
+        prepare_dataset(DataConfig(sources=sources, out_dir=str(data), num_workers=1))
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "meta.json").write_text("{}")  # a dataset dir, but the source lives inside it
+    (tmp_path / "ds" / "b.txt").write_text("text")
+    with pytest.raises(ConfigError, match=r"b.txt is inside the output dir"):
+        prepare_dataset(DataConfig(sources=[SourceConfig(str(tmp_path / "ds"))], out_dir=str(tmp_path / "ds"),
+                                   num_workers=1))
+    assert sorted(p.name for p in data.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["b.txt", "meta.json"]
+
+
+def test_missing_tokenizer_fails_before_the_corpus_is_read(tmp_path: Path) -> None:
+    (tmp_path / "bad.txt").write_bytes(b"\xc3\x28 broken")  # would fail only when read
+    cfg = DataConfig(sources=[SourceConfig(str(tmp_path / "bad.txt"))], out_dir=str(tmp_path / "ds"),
+                     tokenizer=str(tmp_path / "tokenzier"), num_workers=1)
+    with pytest.raises(DataError, match="tokenzier: not found"):
+        prepare_dataset(cfg)
+
+
+def test_mixture_draw_is_made_for_every_document_read(prepared) -> None:
+    root, out, texts_a, _ = prepared
+    cfg = data_config(root, "ds_half", tokenizer=str(out / "tokenizer"),
+                      sources=[SourceConfig(str(root / "a"), name="a", weight=0.5)])
+    meta = read_meta(prepare_dataset(cfg))
+    sampler = SourceSampler(0.5, cfg.seed, "a")
+    draws = [sampler.copies() for _ in range(42)]  # 40 documents, then x_dup.txt and x_short.txt (removed)
+    expected = sum(d for d, t in zip(draws, texts_a) if _split_of(t, 0.2) == "train")
+    assert meta["sources"]["a"]["train_documents"] == expected

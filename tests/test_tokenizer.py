@@ -195,6 +195,22 @@ def test_train_tokenizer_stage(tmp_path):
     assert json.loads((tmp_path / "tok" / "train_report.json").read_text()) == report
     assert Tokenizer.load(tmp_path / "tok").fingerprint == report["fingerprint"]
     assert train_tokenizer(cfg)["fingerprint"] == report["fingerprint"]  # same inputs, same tokenizer
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == [
+        "lmforge_tokenizer.json", "tokenizer.json", "train_report.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tok")]  # written atomically, no temp left
+
+
+def test_train_tokenizer_never_replaces_a_dir_that_is_not_a_tokenizer(tmp_path):
+    from lmforge.tokenizer import MIN_VOCAB_SIZE
+
+    assert MIN_VOCAB_SIZE == 256 + len(DEFAULT_SPECIAL_TOKENS)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("some text to train on\n" * 50)
+    cfg = TokenizerTrainConfig(input=[str(tmp_path / "data")], out_dir=str(tmp_path / "data"),
+                               vocab_size=MIN_VOCAB_SIZE)
+    with pytest.raises(LmforgeError, match=r"data exists and is not a tokenizer dir \(no tokenizer.json\)"):
+        train_tokenizer(cfg)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["a.txt"]
 
 
 def test_train_tokenizer_input_errors(tmp_path):

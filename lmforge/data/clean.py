@@ -49,21 +49,21 @@ _RATIO_FILTERS = ("symbol_ratio", "ellipsis_lines", "mean_word_length", "duplica
 class CleanConfig:
     """Cleaning switches and filter thresholds (see the module docstring for each rule)."""
 
-    normalize: bool = True
-    scrub_pii: bool = True
+    normalize: bool = True  # NFC, newlines, control and space characters, trailing and blank-line whitespace
+    scrub_pii: bool = True  # replace e-mail addresses, phone numbers and IPs by <EMAIL>, <PHONE>, <IP>
     disable: list[str] = field(default_factory=list)  # filter names to switch off, e.g. ["alpha_words"]
-    min_chars: int = 10
+    min_chars: int = 10  # drop documents shorter than this many characters
     max_chars: int = 1_000_000  # 0 = no bound
-    min_words: int = 2
+    min_words: int = 2  # drop documents with fewer words
     max_words: int = 0  # 0 = no bound
     quality_min_words: int = 20  # shorter documents skip the ratio heuristics (see the module docstring)
-    max_symbol_word_ratio: float = 0.1
-    max_ellipsis_line_fraction: float = 0.3
-    min_alpha_word_fraction: float = 0.5
-    min_mean_word_length: float = 2.0
-    max_mean_word_length: float = 12.0
-    max_duplicate_line_fraction: float = 0.3
-    repeated_ngram_size: int = 5
+    max_symbol_word_ratio: float = 0.1  # max ('#' + '...' + '…') per word
+    max_ellipsis_line_fraction: float = 0.3  # max share of lines ending in '...' or '…'
+    min_alpha_word_fraction: float = 0.5  # min share of words holding a letter
+    min_mean_word_length: float = 2.0  # min mean word length (characters)
+    max_mean_word_length: float = 12.0  # max mean word length (characters)
+    max_duplicate_line_fraction: float = 0.3  # max share of lines repeating an earlier line
+    repeated_ngram_size: int = 5  # n of the word n-grams of the repeated_ngrams filter
     max_repeated_ngram_fraction: float = 0.4  # Gopher: 0.15; the KJV's formulaic verses need more room
 
     def __post_init__(self) -> None:

@@ -29,12 +29,12 @@ import numpy as np
 class DedupConfig:
     """exact / near switch each method; threshold, num_perm, shingle_size (words) and seed tune near dedup."""
 
-    exact: bool = True
-    near: bool = True
-    threshold: float = 0.8
-    num_perm: int = 128
-    shingle_size: int = 5
-    seed: int = 1
+    exact: bool = True  # drop documents whose normalized text was seen before
+    near: bool = True  # drop near duplicates (MinHash LSH)
+    threshold: float = 0.8  # estimated Jaccard similarity at which two documents are near duplicates
+    num_perm: int = 128  # MinHash permutations (more = more accurate, slower)
+    shingle_size: int = 5  # words per shingle for near dedup
+    seed: int = 1  # MinHash seed
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:

@@ -1,9 +1,11 @@
 """Per-source sampling weights, GPT-3 style: a source of weight w is seen w times per pass over the dataset.
 
 Rule: each kept training document of a source with weight w is written floor(w) times, plus once more with
-probability w - floor(w), drawn from a random generator seeded by (seed, source name). So weight 2.0 doubles a
-source, 0.5 keeps about half of its documents, 0 drops it, and the outcome depends only on the seed, the source
-name and the order of the source's documents (not on other sources or on the number of worker processes).
+probability w - floor(w), drawn from a random generator seeded by (seed, source name). The sampler draws once for
+every document read from the source (before cleaning, dedup and the train/val split); the draw is used only for
+kept training documents. So weight 2.0 doubles a source, 0.5 keeps about half of its documents, 0 drops it, and a
+document's draw depends only on the seed, the source name and its position in the source (not on other sources,
+on the cleaning and dedup settings, on val_fraction or on the number of worker processes).
 
 Copies are spread over passes: copy k of every document goes into pass k, and the passes are written one after
 another, so a repeated document is never next to its own copy. A source's effective epochs = copies written /
@@ -13,8 +15,18 @@ mixture shapes what the model trains on, while validation measures the natural (
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
+
+
+def hash_fraction(text: str, fraction: float) -> bool:
+    """True for a stable pseudo-random `fraction` of texts: blake2b-64(text) < fraction * 2**64.
+
+    The one hash split rule of lmforge (validation split of `data prepare`, held-out set of `lmforge tokenizer`):
+    it depends only on the text, never on order, seeds or mixtures."""
+    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
 
 
 class SourceSampler:

@@ -4,8 +4,8 @@ Two streaming passes; no corpus is ever held in memory:
 1. Documents stream from each source in order, in batches, through worker processes that clean them and compute
    their dedup fingerprints (`Pool.imap`, so results come back in input order). The main process deduplicates,
    splits each kept document into train or val by a hash of its cleaned text (stable across runs, seeds and
-   mixtures: `blake2b(text) / 2**64 < val_fraction` -> val), draws its mixture copies (train only, see
-   `mixture.py`) and spools it to a temp file inside the dataset dir being built.
+   mixtures: `mixture.hash_fraction(text, val_fraction)` -> val), uses its mixture draw (made for every document
+   read; train only, see `mixture.py`) and spools it to a temp file inside the dataset dir being built.
 2. If no tokenizer is given, one is trained on the spooled training text. The spool streams through worker
    processes (each loads the tokenizer once) that encode each document as its ids followed by eos; the ids are
    appended to the shards of its split.
@@ -21,7 +21,6 @@ Output is identical for any `num_workers`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -38,12 +37,12 @@ import numpy as np
 from lmforge.config import config_to_dict
 from lmforge.data.clean import FILTERS, CleanConfig, CleanResult, clean_document
 from lmforge.data.dedup import DedupConfig, Deduplicator, Fingerprint, Fingerprinter
-from lmforge.data.mixture import SourceSampler, effective_epochs
+from lmforge.data.mixture import SourceSampler, effective_epochs, hash_fraction
 from lmforge.data.shards import DATASET_FORMAT, DEFAULT_SHARD_TOKENS, ShardWriter, shard_dtype
-from lmforge.data.sources import SourceConfig
+from lmforge.data.sources import SourceConfig, source_files
 from lmforge.errors import ConfigError, DataError
-from lmforge.io import atomic_path, atomic_write_json, atomic_write_text
-from lmforge.tokenizer import Tokenizer
+from lmforge.io import atomic_path, atomic_write_json, atomic_write_text, check_replaceable_dir
+from lmforge.tokenizer import MIN_VOCAB_SIZE, Tokenizer
 
 SPLITS = ("train", "val")
 SAMPLES_PER_SOURCE = 5
@@ -88,7 +87,7 @@ class _SourceStats:
 
 def prepare_dataset(cfg: DataConfig) -> Path:
     """Build the dataset dir `cfg.out_dir` (see the module docstring) and return its path."""
-    _validate(cfg)
+    given_tokenizer = _validate(cfg)
     out_dir = Path(cfg.out_dir)
     workers = cfg.num_workers or os.cpu_count() or 1
     with atomic_path(out_dir) as build_dir:
@@ -98,7 +97,7 @@ def prepare_dataset(cfg: DataConfig) -> Path:
             stats, filters, dedup_removed, samples = _collect(cfg, spool, workers)
         finally:
             spool.close()
-        tokenizer = _tokenizer(cfg, spool, build_dir / "tokenizer")
+        tokenizer = _tokenizer(cfg, given_tokenizer, spool, build_dir / "tokenizer")
         splits = {split: _write_split(cfg, split, spool, build_dir, tokenizer.vocab_size, workers, stats)
                   for split in SPLITS}
         shutil.rmtree(spool.root)
@@ -117,7 +116,8 @@ def prepare_dataset(cfg: DataConfig) -> Path:
     return out_dir
 
 
-def _validate(cfg: DataConfig) -> None:
+def _validate(cfg: DataConfig) -> Optional[Tokenizer]:
+    """Check the config, the output dir and the sources before any corpus is read; return the given tokenizer."""
     if not cfg.sources:
         raise ConfigError("data: give at least one source (--sources wordnet or --sources data/*.txt)")
     if not cfg.out_dir:
@@ -129,10 +129,19 @@ def _validate(cfg: DataConfig) -> None:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.batch_documents < 1 or cfg.shard_tokens < 1 or cfg.num_workers < 0:
         raise ConfigError("data: batch_documents and shard_tokens must be >= 1, num_workers >= 0")
-    if cfg.tokenizer is None and cfg.vocab_size < 257:
-        raise ConfigError(f"data.vocab_size must be > 256 (byte-level BPE), got {cfg.vocab_size}")
+    if cfg.tokenizer is None and cfg.vocab_size < MIN_VOCAB_SIZE:
+        raise ConfigError(f"data.vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + "
+                          f"{MIN_VOCAB_SIZE - 256} special tokens), got {cfg.vocab_size}")
+    check_replaceable_dir(cfg.out_dir, "meta.json", "dataset dir")
+    out_dir = Path(cfg.out_dir).resolve()
     for source in cfg.sources:
-        source.check()
+        if source.kind == "corpus":
+            continue
+        for file in source_files(source):  # also the fail-fast check: a missing path or empty glob is a DataError
+            if file.resolve().is_relative_to(out_dir):
+                raise ConfigError(f"source {source.path}: {file} is inside the output dir {cfg.out_dir}, which "
+                                  "is replaced; choose an --out_dir outside the sources")
+    return Tokenizer.load(cfg.tokenizer) if cfg.tokenizer is not None else None
 
 
 class _Spool:
@@ -162,9 +171,8 @@ class _Spool:
 
 
 def _split_of(text: str, val_fraction: float) -> str:
-    """'val' for a stable pseudo-random val_fraction of documents, by a hash of the text."""
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
-    return "val" if h / 2**64 < val_fraction else "train"
+    """'val' for a stable pseudo-random val_fraction of documents, by a hash of the text (`hash_fraction`)."""
+    return "val" if hash_fraction(text, val_fraction) else "train"
 
 
 class _CleanTask:
@@ -248,6 +256,8 @@ def _collect(cfg: DataConfig, spool: _Spool, workers: int) -> tuple[
         for raw_bytes, cleaned, fp in results:
             st.documents += 1
             st.bytes += raw_bytes
+            # Drawn for every document read, so a source's draws do not depend on cleaning, dedup or the split.
+            copies = samplers[source_index].copies()
             removed_by = cleaned.removed_by or dedup.check(fp)
             if removed_by:
                 st.removed[removed_by] += 1
@@ -256,7 +266,8 @@ def _collect(cfg: DataConfig, spool: _Spool, workers: int) -> tuple[
             if len(samples[source_index]) < SAMPLES_PER_SOURCE:
                 samples[source_index].append(cleaned.text)
             split = _split_of(cleaned.text, cfg.val_fraction)
-            copies = 1 if split == "val" else samplers[source_index].copies()
+            if split == "val":
+                copies = 1
             for copy in range(copies):
                 spool.write(split, copy, source_index, cleaned.text)
             st.split_documents[split] += copies
@@ -273,10 +284,10 @@ def _collect(cfg: DataConfig, spool: _Spool, workers: int) -> tuple[
     return stats, filters, dedup_removed, samples
 
 
-def _tokenizer(cfg: DataConfig, spool: _Spool, tokenizer_dir: Path) -> Tokenizer:
+def _tokenizer(cfg: DataConfig, given: Optional[Tokenizer], spool: _Spool, tokenizer_dir: Path) -> Tokenizer:
     """The given tokenizer, or one trained on the spooled train split; saved into the dataset dir either way."""
-    if cfg.tokenizer is not None:
-        tokenizer = Tokenizer.load(cfg.tokenizer)
+    if given is not None:
+        tokenizer = given
     else:
         print(f"lmforge data prepare: training a {cfg.vocab_size}-token BPE tokenizer on the train split", flush=True)
         tokenizer = Tokenizer.train((text for _, text in spool.read("train")), vocab_size=cfg.vocab_size)

@@ -45,13 +45,13 @@ class SourceConfig:
     split: 'file' or 'paragraph', how text files are cut into documents.
     """
 
-    path: str = ""
-    name: str = ""
-    kind: SourceKind = "auto"
-    field: str = "text"
-    weight: float = 1.0
-    max_documents: int = 0
-    split: Literal["file", "paragraph"] = "file"
+    path: str = ""  # file, directory, glob, or built-in corpus name
+    name: str = ""  # label in meta.json (default: the path)
+    kind: SourceKind = "auto"  # auto (by suffix) | text | jsonl | parquet | corpus
+    field: str = "text"  # JSONL key / Parquet column holding the text
+    weight: float = 1.0  # mixture weight: copies of each training document (see lmforge.data.mixture)
+    max_documents: int = 0  # stop after this many documents (0 = all)
+    split: Literal["file", "paragraph"] = "file"  # text files: one document per file or per paragraph
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -149,6 +149,9 @@ def _files(source: SourceConfig) -> list[Path]:
             raise DataError(f"{_label(source)}directory {path} holds no files")
         return files
     raise DataError(f"{_label(source)}{path}: no such file or directory")
+
+
+source_files = _files  # public name: the files a non-corpus source reads, in order
 
 
 def _label(source: SourceConfig) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
+from lmforge.errors import DataError
 from lmforge.io import atomic_write_bytes, atomic_write_text
 
 
@@ -28,10 +29,20 @@ class MetricsLog:
             f.flush()
 
     def read(self) -> list[dict[str, Any]]:
+        """The records; an undecodable last line (a write torn by a kill) is skipped, not an error."""
         if not self.path.is_file():
             return []
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        lines = [(n, line) for n, line in enumerate(self.path.read_bytes().split(b"\n"), 1) if line.strip()]
+        records = []
+        for i, (n, line) in enumerate(lines):
+            try:
+                records.append(json.loads(line.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                if i == len(lines) - 1:
+                    break  # torn final write
+                raise DataError(f"{self.path}:{n}: not a JSON record (the metrics log is corrupt; fix or "
+                                "delete that line)") from None
+        return records
 
     def truncate_after(self, step: int) -> None:
         """Drop records after `step` (logged by a run that died before its next checkpoint), before resuming."""
