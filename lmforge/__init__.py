@@ -1,9 +1,9 @@
 """lmforge: from raw text to a trained language model.
 
 Python API:
-    model = lmforge.load("runs/quickstart/final")      # lmforge or Hugging Face model dir
+    model = lmforge.load("runs/quickstart/run/final")  # lmforge or Hugging Face model dir
     logits = model(input_ids)                           # (B, T) -> (B, T, V)
-    tok = lmforge.Tokenizer.load("runs/quickstart/final")
+    tok = lmforge.Tokenizer.load("runs/quickstart/run/final")
     out = model.generate([tok.encode("a dog is")], lmforge.GenerationConfig(max_new_tokens=20))
 """
 

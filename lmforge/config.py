@@ -185,12 +185,21 @@ _FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+?)\s*$")
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """The trailing `# comment` of each field in the class source: the CLI shows it as the option's help."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return {m.group(1): m.group(2) for m in map(_FIELD_COMMENT.match, source.splitlines()) if m}
+    """The trailing `# comment` of each field in the class source: the CLI shows it as the option's help.
+
+    Comments are merged over the dataclass bases, base classes first, so a subclass inherits its bases' help and
+    overrides it where it redeclares a field with a comment.
+    """
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        comments.update({m.group(1): m.group(2) for m in map(_FIELD_COMMENT.match, source.splitlines()) if m})
+    return comments
 
 
 def flat_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any, str]]:

@@ -7,6 +7,7 @@ text and print a summary with three sampled continuations.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -111,7 +112,7 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                seed=cfg.seed)
     completions = generate(model, list(cfg.prompts), gen_cfg, tokenizer=tokenizer)
-    samples = [{"prompt": p, "completion": c} for p, c in zip(cfg.prompts, _texts(completions))]
+    samples = [{"prompt": p, "completion": c} for p, c in zip(cfg.prompts, [c.text or "" for c in completions])]
 
     summary = {
         "corpus": corpus,
@@ -138,28 +139,32 @@ def _steps_for_budget(model_cfg: Any, batch_size: int, seq_len: int, budget_s: f
     """
     import torch
 
+    from lmforge.device import resolve_device
     from lmforge.model import Transformer
+    from lmforge.objectives.causal_lm import causal_lm_loss
+    from lmforge.train.config import TrainConfig
+    from lmforge.train.optim import build_optimizer
+    from lmforge.train.pretrain import autocast_dtype
 
-    model = Transformer(model_cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, model_cfg.vocab_size, (batch_size, seq_len + 1))
+    device, train_cfg = resolve_device("auto"), TrainConfig()  # what pretrain uses with the quickstart's config
+    half = autocast_dtype(device, train_cfg.dtype)
+    model = Transformer(model_cfg).to(device).train()
+    optimizer = build_optimizer(model, train_cfg, device.type)
+    ids = torch.randint(0, model_cfg.vocab_size, (batch_size, seq_len + 1), device=device)
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
     timings = []
     for _ in range(6):
         start = time.perf_counter()
-        logits = model(ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        with torch.autocast(device.type, dtype=half) if half else contextlib.nullcontext():
+            loss, _ = causal_lm_loss(model, batch)  # .item() inside syncs, as in pretrain
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         timings.append(time.perf_counter() - start)
     step_s = sorted(timings[1:])[2]  # median of the warm steps
     return max(10, int(0.85 * budget_s / step_s))  # 15% left for validation, checkpoints and slower steps
-
-
-def _texts(completions: Any) -> list[str]:
-    if isinstance(completions, dict):
-        return list(completions["texts"])
-    return [c if isinstance(c, str) else getattr(c, "text", str(c)) for c in completions]
 
 
 def _print_summary(s: dict[str, Any]) -> None:

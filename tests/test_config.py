@@ -96,6 +96,43 @@ def test_model_config_derived_fields_and_errors():
     assert ModelConfig.from_dict(llama.to_dict()) == llama
 
 
+@pytest.mark.parametrize("overrides", [
+    {"n_head": 0}, {"n_kv_head": 0}, {"n_kv_head": -2}, {"head_dim": 0}, {"d_ff": 0}, {"multiple_of": 0},
+    {"d_model": -1}, {"vocab_size": 0},
+])
+def test_model_config_rejects_non_positive_sizes(overrides):
+    (name, value), = overrides.items()
+    with pytest.raises(ConfigError, match=rf"model\.{name} must be positive, got {value}"):
+        ModelConfig(**overrides)
+    with pytest.raises(ConfigError, match=rf"model\.{name} must be positive"):
+        build_config(ModelConfig, {name: str(value)}, prefix="model.")
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5])
+def test_model_config_rejects_bad_dropout(dropout):
+    with pytest.raises(ConfigError, match=r"model\.dropout must be in \[0, 1\)"):
+        ModelConfig(dropout=dropout)
+    assert ModelConfig(dropout=0.5).dropout == 0.5
+
+
+def test_field_comments_merge_over_base_classes():
+    from lmforge.config import field_comments
+    from lmforge.infer.generate import GenerateConfig, GenerationConfig
+
+    base = field_comments(GenerationConfig)
+    assert "greedy" in base["temperature"]
+    helps = {k: h for k, _, _, h in flat_fields(GenerateConfig)}
+    assert all(helps[name] == text for name, text in base.items())  # inherited from the base class
+    assert "cuda" in helps["device"]  # the subclass's own fields are still there
+
+    @dataclass
+    class Sub(GenerationConfig):
+        temperature: float = 0.7  # overridden help
+
+    assert field_comments(Sub)["temperature"] == "overridden help"
+    assert field_comments(Sub)["top_k"] == base["top_k"]
+
+
 def test_example_configs_are_valid():
     from pathlib import Path
 

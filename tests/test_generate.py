@@ -234,3 +234,30 @@ def test_cli_generate_and_tokenizer_mismatch(model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(small), "--prompt", "the"]) == 2
     err = capsys.readouterr().err
     assert "TokenizerMismatch" not in err and str(cfg.vocab_size) in err and str(cfg.vocab_size - 10) in err
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "cpu:0", ""])
+def test_resolve_device_rejects_unknown_names(name):
+    from lmforge.device import resolve_device
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^device: expected auto, cpu, cuda, cuda:N or mps"):
+        resolve_device(name)
+
+
+def test_resolve_device_auto_cpu_and_missing_cuda(monkeypatch, model_dir):
+    from lmforge.device import resolve_device
+    from lmforge.errors import ConfigError
+    from lmforge.infer.generate import GenerateConfig, run_generate
+    from lmforge.train.distributed import init_distributed
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device(name)
+    with pytest.raises(ConfigError, match=r"^train\.device: 'cuda' requested but CUDA is not available"):
+        init_distributed("cuda")
+    with pytest.raises(ConfigError, match=r"^device: expected .* got 'gpu'"):
+        run_generate(GenerateConfig(model=str(model_dir), prompt=["the"], device="gpu"))

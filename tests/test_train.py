@@ -1,5 +1,6 @@
 """Pretraining: schedules, weight decay, data sampling, checkpoints, and runs (exact resume, accumulation, DDP)."""
 
+import functools
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from lmforge.config import build_config
 from lmforge.errors import ConfigError, DataError, LmforgeError, TokenizerMismatchError
 from lmforge.model import ModelConfig, Transformer
+from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import latest_checkpoint, list_checkpoints
 from lmforge.train.config import TrainConfig
 from lmforge.data.shards import TokenShards
@@ -36,14 +38,20 @@ TINY_MODEL = dict(vocab_size=VOCAB, block_size=16, n_layer=1, n_head=2, d_model=
 torch.set_num_threads(1)  # runs in this process and in subprocesses must use the same kernels to match bit for bit
 
 
+@functools.lru_cache(maxsize=1)
+def small_tokenizer() -> Tokenizer:
+    """The dataset's tokenizer dir only has to exist and match meta.json's fingerprint (ids are synthetic)."""
+    return Tokenizer.train(["the cat sat on the mat", "a dog is a friend"] * 10, vocab_size=300)
+
+
 def write_dataset(root: Path, dtype: str = "uint16", vocab_size: int = VOCAB) -> Path:
     """A dataset dir per the contract: documents are arithmetic runs mod eos (learnable), each ended by eos;
     every split is cut into two shards so reads cross a shard boundary."""
     root.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = root / "tokenizer"
+    tokenizer = small_tokenizer()
     tokenizer_dir.mkdir()
-    (tokenizer_dir / "tokenizer.json").write_text("{}")
-    (tokenizer_dir / "lmforge_tokenizer.json").write_text('{"eos_token": "<|eos|>"}')
+    tokenizer.save(tokenizer_dir)
     rng = np.random.default_rng(0)
     eos = vocab_size - 1
     docs = []
@@ -58,7 +66,7 @@ def write_dataset(root: Path, dtype: str = "uint16", vocab_size: int = VOCAB) ->
         tokens[len(tokens) // 2:].tofile(root / shards[1])
         splits[name] = {"shards": shards, "tokens": len(tokens), "documents": len(part), "bytes": 3 * len(tokens)}
     meta = {"format": "lmforge-dataset-v1", "dtype": dtype, "vocab_size": vocab_size, "eos_id": eos,
-            "tokenizer_fingerprint": "test", "tokenizer_dir": str(tokenizer_dir), "splits": splits}
+            "tokenizer_fingerprint": tokenizer.fingerprint, "tokenizer_dir": str(tokenizer_dir), "splits": splits}
     (root / "meta.json").write_text(json.dumps(meta))
     return root
 
@@ -232,6 +240,54 @@ def test_pretrain_rejects_bad_inputs(dataset, tmp_path):
         run(dataset, tmp_path / "d", resume=True)
 
 
+@pytest.mark.parametrize("key", ["log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints"])
+def test_pretrain_rejects_negative_intervals(dataset, tmp_path, key):
+    with pytest.raises(ConfigError, match=rf"^train\.{key} must be >= 0 \(0 = only at the end\), got -1$"):
+        run(dataset, tmp_path / "neg", **{key: -1})
+
+
+def test_log_interval_zero_logs_only_at_the_end(dataset, tmp_path):
+    run_dir = run(dataset, tmp_path / "quiet", log_interval=0, max_steps=4, checkpoint_interval=0)
+    assert list(train_losses(run_dir)) == [4]
+
+
+def test_tokenizer_comes_from_the_dataset_dir_even_when_moved(dataset, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(dataset, moved)
+    (moved / "meta.json").write_text(json.dumps({**json.loads((moved / "meta.json").read_text()),
+                                                 "tokenizer_dir": str(tmp_path / "gone")}))
+    run_dir = run(moved, tmp_path / "run", max_steps=2, checkpoint_interval=1)
+    for model_dir in (run_dir / "final", run_dir / "checkpoints" / "step_2"):
+        assert Tokenizer.load(model_dir).fingerprint == small_tokenizer().fingerprint
+
+
+def test_stale_or_missing_dataset_tokenizer_is_an_error(dataset, tmp_path):
+    stale = tmp_path / "stale"
+    shutil.copytree(dataset, stale)
+    (stale / "meta.json").write_text(json.dumps({**json.loads((stale / "meta.json").read_text()),
+                                                 "tokenizer_fingerprint": "0" * 64}))
+    with pytest.raises(TokenizerMismatchError, match="re-run `lmforge data prepare`"):
+        run(stale, tmp_path / "a", max_steps=1)
+    assert not (tmp_path / "a").exists()
+    shutil.rmtree(stale / "tokenizer")
+    with pytest.raises(DataError, match=re.escape(str(stale / "tokenizer")) + " not found"):
+        run(stale, tmp_path / "b", max_steps=1)
+
+
+def test_init_from_a_hugging_face_dir(dataset, tmp_path):
+    from lmforge.model.hf import to_hf_dir
+
+    torch.manual_seed(0)
+    source = Transformer(ModelConfig(**TINY_MODEL))
+    hf_dir = to_hf_dir(source, tmp_path / "hf")
+    config = {**config_dict(dataset, tmp_path / "run", max_steps=1, lr=0.0, min_lr=0.0, checkpoint_interval=0),
+              "init_from": str(hf_dir)}
+    run_dir = pretrain(build_config(PretrainConfig, config))
+    final = Transformer.from_dir(run_dir / "final")
+    assert final.config.vocab_size == VOCAB and final.config.d_model == TINY_MODEL["d_model"]
+    assert_same_weights(final.state_dict(), source.state_dict())  # lr 0: the imported weights, unchanged
+
+
 def test_pretrain_lowers_loss_and_writes_run_dir(dataset, tmp_path):
     run_dir = run(dataset, tmp_path / "run", max_steps=40, eval_interval=20, checkpoint_interval=10,
                   keep_checkpoints=2, log_interval=5)
@@ -292,13 +348,13 @@ import sys, time
 import torch
 torch.set_num_threads(1)
 import lmforge.train.pretrain as pretrain_module
-from lmforge.train.__main__ import main
+from lmforge.cli import main
 schedule = pretrain_module.lr_at
 def slow_lr_at(step, cfg):  # slow the run down so the test can kill it between checkpoints
     time.sleep(0.1)
     return schedule(step, cfg)
 pretrain_module.lr_at = slow_lr_at
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(["pretrain", "--config", sys.argv[1]]))
 """
 
 
@@ -334,7 +390,7 @@ def test_ddp_two_processes_match_one_and_resume_with_one(dataset, tmp_path):
     config = config_dict(dataset, tmp_path / "ddp")
     (tmp_path / "config.json").write_text(json.dumps(config))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "lmforge.train", str(tmp_path / "config.json")],
+                             "-m", "lmforge", "pretrain", "--config", str(tmp_path / "config.json")],
                             env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     single = run(dataset, tmp_path / "single")

@@ -315,13 +315,14 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     """Load the model and tokenizer from cfg.model (lmforge or Hugging Face dir), generate for every prompt as one
     batch, print and return the completions. With cfg.stream and a single prompt, text is printed as it comes."""
     from lmforge.convert import load
+    from lmforge.device import resolve_device
     from lmforge.tokenizer import Tokenizer
 
     if not cfg.model:
         raise ConfigError("generate needs a model dir: lmforge generate --model DIR --prompt TEXT")
     if not cfg.prompt:
         raise ConfigError("generate needs at least one prompt: --prompt TEXT")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     model = load(cfg.model).to(device)
     has_lmforge_tokenizer = (Path(cfg.model) / "lmforge_tokenizer.json").is_file()
     tokenizer = Tokenizer.load(cfg.model) if has_lmforge_tokenizer else Tokenizer.from_hf(cfg.model)

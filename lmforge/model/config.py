@@ -36,6 +36,13 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "n_kv_head", "head_dim", "d_ff",
+                     "multiple_of"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {value}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.qkv_bias is None:
@@ -54,9 +61,6 @@ class ModelConfig:
                 self.d_ff = 4 * self.d_model
         if self.positions == "rope" and self.head_dim % 2:
             raise ConfigError(f"model.head_dim={self.head_dim} must be even for rope positions")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
 
     @property
     def gated_mlp(self) -> bool:

@@ -2,7 +2,7 @@
 
 A checkpoint is written into a temp dir and renamed into place, so a `step_N` dir is either complete or absent
 (a crash mid-write leaves only a hidden `.step_N.tmp-*` dir, ignored and cleaned up by the next save).
-trainer_state.pt holds: step, tokens_seen, best_val_loss, optimizer state, sampler state, world_size and the RNG
+trainer_state.pt holds: step, tokens_seen, best_val_loss, optimizer state, sampler state and the RNG
 states of python, numpy and torch (cpu and cuda) -- only plain types and tensors, so it loads with weights_only.
 """
 

@@ -32,7 +32,7 @@ class TrainConfig:
     eval_batches: int = 20  # validation batches of batch_size windows
     checkpoint_interval: int = 500  # steps between checkpoints (and one at the end); 0 = only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept; 0 = keep all
-    log_interval: int = 10  # steps between metrics.jsonl records
+    log_interval: int = 10  # steps between metrics.jsonl train records (and one at the end); 0 = only at the end
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: float32 on CPU, bfloat16 autocast on CUDA

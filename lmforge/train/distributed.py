@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lmforge.device import resolve_device
+
 
 @dataclass
 class DistContext:
@@ -25,24 +27,9 @@ class DistContext:
     owns_group: bool  # True when this context created the process group and must destroy it
 
 
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def init_distributed(device_name: str) -> DistContext:
     """Join the torchrun process group (when WORLD_SIZE > 1) and pick this process's device."""
-    device = resolve_device(device_name)
+    device = resolve_device(device_name, "train.device")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistContext(0, 1, device, owns_group=False)
     owns_group = not dist.is_initialized()

@@ -21,12 +21,14 @@ import torch
 from torch import nn
 
 from lmforge.config import config_to_dict
+from lmforge.convert import load as load_model
 from lmforge.data.shards import TokenShards, read_meta
 from lmforge.errors import ConfigError, DataError, LmforgeError, TokenizerMismatchError
 from lmforge.io import atomic_write_json, load_safetensors
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 from lmforge.objectives.causal_lm import causal_lm_loss
+from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import (latest_checkpoint, list_checkpoints, load_trainer_state, rng_state,
                                       save_checkpoint, save_model_dir, set_rng_state)
 from lmforge.train.config import DataSection, PretrainConfig, TrainConfig
@@ -47,14 +49,9 @@ class RunState:
     best_val_loss: Optional[float] = None
 
 
-def resolve_config(cfg: PretrainConfig) -> PretrainConfig:
+def resolve_config(cfg: PretrainConfig, init_model: Optional[Transformer] = None) -> PretrainConfig:
     """Fill in what the config leaves open: the model of `init_from`, and data.seq_len = model.block_size."""
-    model = cfg.model
-    if cfg.init_from:
-        config_path = Path(cfg.init_from) / "config.json"
-        if not config_path.is_file():
-            raise ConfigError(f"init_from: {cfg.init_from} is not a model dir (no config.json)")
-        model = ModelConfig.load(config_path)
+    model = init_model.config if init_model is not None else cfg.model
     seq_len = cfg.data.seq_len or model.block_size
     return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, seq_len=seq_len))
 
@@ -70,9 +67,26 @@ def check_config(cfg: PretrainConfig, meta: dict[str, Any], world: int) -> None:
     if train.batch_size <= 0 or train.grad_accum <= 0:
         raise ConfigError(f"train.batch_size and train.grad_accum must be positive, got {train.batch_size}, "
                           f"{train.grad_accum}")
+    for name in ("log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
+        if getattr(train, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0 (0 = only at the end), got {getattr(train, name)}")
     if train.batch_size % world:
         raise ConfigError(f"train.batch_size={train.batch_size} must be divisible by the number of processes {world}")
     check_schedule(train)
+
+
+def dataset_tokenizer(cfg: PretrainConfig, meta: dict[str, Any]) -> Path:
+    """The dataset's tokenizer dir (copied into checkpoints and final/), checked against meta.json's fingerprint."""
+    directory = Path(cfg.data.dataset) / "tokenizer"
+    if not directory.is_dir():
+        raise DataError(f"dataset {cfg.data.dataset}: tokenizer dir {directory} not found "
+                        "(re-run `lmforge data prepare`)")
+    fingerprint = Tokenizer.load(directory).fingerprint
+    if fingerprint != meta.get("tokenizer_fingerprint"):
+        raise TokenizerMismatchError(f"dataset {cfg.data.dataset}: tokenizer in {directory} (fingerprint "
+                                     f"{fingerprint[:12]}) is not the one meta.json's tokens were made with "
+                                     f"({str(meta.get('tokenizer_fingerprint'))[:12]}); re-run `lmforge data prepare`")
+    return directory
 
 
 def autocast_dtype(device: torch.device, dtype: str) -> Optional[torch.dtype]:
@@ -127,11 +141,13 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if not cfg.data.dataset:
         raise ConfigError("data.dataset is required (a dir written by `lmforge data prepare`)")
     meta = read_meta(cfg.data.dataset)
-    cfg = resolve_config(cfg)
+    tokenizer_dir = dataset_tokenizer(cfg, meta)
+    init_model = load_model(cfg.init_from) if cfg.init_from else None  # an lmforge or Hugging Face model dir
+    cfg = resolve_config(cfg, init_model)
     ctx = init_distributed(cfg.train.device)
     try:
         check_config(cfg, meta, ctx.world_size)
-        return PretrainRun(cfg, meta, ctx).run()
+        return PretrainRun(cfg, meta, ctx, tokenizer_dir, init_model).run()
     finally:
         close_distributed(ctx)
 
@@ -139,9 +155,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
 class PretrainRun:
     """One invocation of pretraining: setup (fresh or from a checkpoint), the step loop, and the final outputs."""
 
-    def __init__(self, cfg: PretrainConfig, meta: dict[str, Any], ctx: DistContext) -> None:
+    def __init__(self, cfg: PretrainConfig, meta: dict[str, Any], ctx: DistContext, tokenizer_dir: Path,
+                 init_model: Optional[Transformer] = None) -> None:
         self.started = time.perf_counter()
         self.cfg, self.meta, self.ctx, self.tc = cfg, meta, ctx, cfg.train
+        self.tokenizer_dir = tokenizer_dir
         self.main, self.device, seq_len = ctx.rank == 0, ctx.device, cfg.data.seq_len
         train_tokens = TokenShards(cfg.data.dataset, "train")
         if num_windows(len(train_tokens), seq_len) == 0:
@@ -152,7 +170,7 @@ class PretrainRun:
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
 
         torch.manual_seed(self.tc.seed)
-        self.raw = Transformer.from_dir(cfg.init_from) if cfg.init_from else Transformer(cfg.model)
+        self.raw = init_model if init_model is not None else Transformer(cfg.model)
         self.state, self.sampler = RunState(), WindowSampler(train_tokens, seq_len, self.tc.seed)
         saved = self._load_checkpoint(checkpoint) if checkpoint else {}
         self.raw.to(self.device)
@@ -226,9 +244,8 @@ class PretrainRun:
         if self.main:
             trainer_state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen,
                              "best_val_loss": self.state.best_val_loss, "optimizer": self.optimizer.state_dict(),
-                             "sampler": self.sampler.state_dict(), "rng": rng_state(),
-                             "world_size": self.ctx.world_size}
-            save_checkpoint(self.run_dir, self.state.step, self.raw, trainer_state, self.meta.get("tokenizer_dir"),
+                             "sampler": self.sampler.state_dict(), "rng": rng_state()}
+            save_checkpoint(self.run_dir, self.state.step, self.raw, trainer_state, self.tokenizer_dir,
                             self.tc.keep_checkpoints)
         barrier()
 
@@ -251,7 +268,7 @@ class PretrainRun:
             window_time += step_time
             window_losses.append(train_loss)
             last = state.step == tc.max_steps or stopped_early
-            if self.main and (state.step % tc.log_interval == 0 or last):
+            if self.main and (last or (tc.log_interval > 0 and state.step % tc.log_interval == 0)):
                 tok_per_s = len(window_losses) * self.tokens_per_step / window_time
                 utilisation = mfu(self.flops_per_token, tok_per_s, self.peak)
                 self.metrics.write({"kind": "train", "step": state.step, "tokens": state.tokens_seen,
@@ -279,7 +296,7 @@ class PretrainRun:
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Rank 0: the final model dir, loss.png and summary.json."""
-        save_model_dir(self.raw, self.run_dir / "final", self.meta.get("tokenizer_dir"))
+        save_model_dir(self.raw, self.run_dir / "final", self.tokenizer_dir)
         plot_loss(self.metrics.read(), self.run_dir / "loss.png")
         atomic_write_json(self.run_dir / "summary.json", summary)
         val = "" if summary["val_loss"] is None else (
