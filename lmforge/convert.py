@@ -10,13 +10,10 @@ from typing import Any, Literal, Optional
 from lmforge.errors import LmforgeError
 
 def is_lmforge_dir(path: str | Path) -> bool:
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return bool(json.loads(config.read_text()).get("lmforge_model"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+    """True if `path` holds an lmforge model config.json (see lmforge.model.hf.is_hf_dir for the other kind)."""
+    from lmforge.model.config import read_config_json
+
+    return bool((read_config_json(path) or {}).get("lmforge_model"))
 
 
 def load(path: str | Path):
@@ -33,16 +30,10 @@ def load(path: str | Path):
     return model.eval()
 
 
-def _write_hf_tokenizer_config(dst: Path) -> None:
+def _write_hf_tokenizer_config(dst: Path, tokenizer: Any) -> None:
     """A tokenizer_config.json so that `transformers.AutoTokenizer.from_pretrained(dst)` works on an export."""
-    meta_path = dst / "lmforge_tokenizer.json"
-    if not (dst / "tokenizer.json").is_file() or not meta_path.is_file():
-        return
-    meta = json.loads(meta_path.read_text())
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-    for role in ("bos_token", "eos_token", "pad_token"):
-        if meta.get(role):
-            config[role] = meta[role]
+    config.update({f"{role}_token": tokenizer.special_tokens[role] for role in ("bos", "eos", "pad")})
     (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -93,7 +84,8 @@ def convert(cfg: ConvertConfig) -> Path:
                 if tokenizer is not None else {}
             to_hf_dir(model, tmp, family=cfg.family, **ids)
             copy_tokenizer_files(src, tmp)
-            _write_hf_tokenizer_config(tmp)
+            if tokenizer is not None and (src / "lmforge_tokenizer.json").is_file():
+                _write_hf_tokenizer_config(tmp, tokenizer)
         else:
             model.save(tmp)
             copy_tokenizer_files(src, tmp)

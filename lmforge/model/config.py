@@ -11,6 +11,18 @@ from typing import Any, Literal, Optional
 from lmforge.errors import ConfigError
 
 
+def read_config_json(directory: str | Path) -> Optional[dict[str, Any]]:
+    """The dict in `directory/config.json`, or None when it is missing or not a JSON object (lmforge or HF)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 @dataclass
 class ModelConfig:
     architecture: Literal["decoder"] = "decoder"

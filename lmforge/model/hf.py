@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_path, atomic_write_text, load_safetensors
-from lmforge.model.config import ModelConfig
+from lmforge.model.config import ModelConfig, read_config_json
 from lmforge.model.transformer import Transformer
 
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
@@ -289,14 +289,8 @@ def from_hf_model(hf_model: Any) -> Transformer:
 
 def is_hf_dir(path: str | Path) -> bool:
     """True if `path` holds an HF model config.json (and not an lmforge one)."""
-    config_path = Path(path) / "config.json"
-    if not config_path.is_file():
-        return False
-    try:
-        d = json.loads(config_path.read_text())
-    except json.JSONDecodeError:
-        return False
-    return isinstance(d, dict) and "model_type" in d and not d.get("lmforge_model")
+    d = read_config_json(path)
+    return d is not None and "model_type" in d and not d.get("lmforge_model")
 
 
 def _read_hf_weights(path: Path) -> dict[str, Tensor]:
@@ -315,9 +309,9 @@ def _read_hf_weights(path: Path) -> dict[str, Tensor]:
 def from_hf_dir(path: str | Path) -> Transformer:
     """Load an HF checkpoint dir (config.json + safetensors, possibly sharded) as a float32 CPU Transformer."""
     path = Path(path)
-    if not is_hf_dir(path):
+    d = read_config_json(path)
+    if d is None or "model_type" not in d or d.get("lmforge_model"):
         raise LmforgeError(f"{path} is not a Hugging Face model dir (expected config.json with a model_type)")
-    d = json.loads((path / "config.json").read_text())
     model = Transformer(config_from_hf(d))
     state = from_hf_state_dict(_read_hf_weights(path), model, hf_family(d))
     model.load_weights(state, source=str(path))
