@@ -7,7 +7,6 @@ text and print a summary with three sampled continuations.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
@@ -144,7 +143,7 @@ def _steps_for_budget(model_cfg: Any, batch_size: int, seq_len: int, budget_s: f
     from lmforge.objectives.causal_lm import causal_lm_loss
     from lmforge.train.config import TrainConfig
     from lmforge.train.optim import build_optimizer
-    from lmforge.train.pretrain import autocast_dtype
+    from lmforge.train.pretrain import autocast_dtype, precision_context
 
     device, train_cfg = resolve_device("auto"), TrainConfig()  # what pretrain uses with the quickstart's config
     half = autocast_dtype(device, train_cfg.dtype)
@@ -155,7 +154,7 @@ def _steps_for_budget(model_cfg: Any, batch_size: int, seq_len: int, budget_s: f
     timings = []
     for _ in range(6):
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=half) if half else contextlib.nullcontext():
+        with precision_context(device, half):
             loss, _ = causal_lm_loss(model, batch)  # .item() inside syncs, as in pretrain
         loss.backward()
         optimizer.step()

@@ -96,6 +96,11 @@ def autocast_dtype(device: torch.device, dtype: str) -> Optional[torch.dtype]:
     return None
 
 
+def precision_context(device: torch.device, half: Optional[torch.dtype]) -> ContextManager:
+    """Autocast to `half` on `device`, or nothing (plain fp32) when half is None."""
+    return torch.autocast(device.type, dtype=half) if half else nullcontext()
+
+
 def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]], precision: ContextManager,
              device: torch.device) -> Optional[float]:
     """Token-weighted mean validation loss over all processes' batches (None if there are none)."""
@@ -207,7 +212,7 @@ class PretrainRun:
         return saved
 
     def precision(self) -> ContextManager:
-        return torch.autocast(self.device.type, dtype=self.half) if self.half else nullcontext()
+        return precision_context(self.device, self.half)
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step of grad_accum micro-steps; returns (this process's mean loss, gradient norm)."""
