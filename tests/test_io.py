@@ -91,7 +91,7 @@ def test_atomic_path_restores_target_moved_aside_by_killed_process(tmp_path):
     old.mkdir()
     (old / "f").write_text("previous")
     with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
+        with atomic_path(target):
             assert (target / "f").read_text() == "previous"  # restored on entry
             raise RuntimeError("fail")
     assert (target / "f").read_text() == "previous" and not old.exists()
