@@ -80,6 +80,7 @@ def _add_config_options(parser: argparse.ArgumentParser, cfg_cls: type, position
         is_bool = tp is bool or tp == typing.Optional[bool]
         is_list = typing.get_origin(tp) in (list, tuple)
         shown = "" if default in (None, "", [], ()) else f", default {default}"
+        comment = comment.replace("%", "%%")  # argparse formats help strings with %
         kwargs: dict[str, Any] = dict(dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar="V",
                                       help=f"{comment} ({_type_name(tp)}{shown})".lstrip())
         if is_bool:

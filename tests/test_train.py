@@ -1,4 +1,4 @@
-"""Pretraining: schedules, weight decay, data sampling, checkpoints, and runs (exact resume, accumulation, DDP)."""
+"""Pretraining: schedules, weight decay, data sampling, checkpoints, and runs (exact resume, accumulation)."""
 
 import functools
 import json
@@ -319,6 +319,13 @@ def test_grad_accumulation_matches_larger_batch(dataset, tmp_path):
     assert_same_weights(weights(accumulated), weights(single), atol=1e-6)
 
 
+def test_activation_checkpointing_trains_the_same_model(dataset, tmp_path):
+    checkpointed = run(dataset, tmp_path / "ckpt", activation_checkpointing=True, max_steps=3)
+    plain = run(dataset, tmp_path / "plain", max_steps=3)
+    assert train_losses(checkpointed) == pytest.approx(train_losses(plain), abs=1e-6)
+    assert_same_weights(weights(checkpointed), weights(plain), atol=1e-6)
+
+
 def test_bfloat16_autocast_trains(dataset, tmp_path):
     run_dir = run(dataset, tmp_path / "bf16", dtype="bfloat16", max_steps=3, checkpoint_interval=0)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -337,7 +344,7 @@ def test_resume_after_time_budget_stop_is_exact(dataset, tmp_path):
     assert train_losses(resumed) == train_losses(full)
 
 
-# ---- subprocess runs: a killed process, and DDP under torchrun ------------------------------------------------
+# ---- subprocess runs: a killed process (torchrun runs are in test_distributed.py) -------------------------
 
 def subprocess_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -383,25 +390,3 @@ def test_resume_after_sigkill_is_bit_exact(dataset, tmp_path):
     full = pretrain(build_config(PretrainConfig, {**config, "out_dir": str(tmp_path / "full")}))
     assert_same_weights(weights(resumed), weights(full))
     assert train_losses(resumed) == train_losses(full)
-
-
-@pytest.mark.slow
-def test_ddp_two_processes_match_one_and_resume_with_one(dataset, tmp_path):
-    config = config_dict(dataset, tmp_path / "ddp")
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "lmforge", "pretrain", "--config", str(tmp_path / "config.json")],
-                            env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    single = run(dataset, tmp_path / "single")
-    ddp_losses, single_losses = train_losses(tmp_path / "ddp"), train_losses(single)
-    assert sorted(ddp_losses) == list(range(1, 7))
-    assert ddp_losses == pytest.approx(single_losses, abs=1e-5)
-    assert_same_weights(weights(tmp_path / "ddp"), weights(single), atol=1e-5)
-
-    # resume the 2-process run from step 3 with one process: it continues the same curve
-    shutil.copytree(tmp_path / "ddp" / "checkpoints" / "step_3", tmp_path / "half" / "checkpoints" / "step_3")
-    resumed = run(dataset, tmp_path / "half", resume=True)
-    assert sorted(train_losses(resumed)) == [4, 5, 6]
-    assert train_losses(resumed) == pytest.approx({s: single_losses[s] for s in (4, 5, 6)}, abs=1e-5)
-    assert_same_weights(weights(resumed), weights(single), atol=1e-5)

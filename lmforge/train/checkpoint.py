@@ -4,6 +4,11 @@ A checkpoint is written into a temp dir and renamed into place, so a `step_N` di
 (a crash mid-write leaves only a hidden `.step_N.tmp-*` dir, ignored and cleaned up by the next save).
 trainer_state.pt holds: step, tokens_seen, best_val_loss, optimizer state, sampler state and the RNG
 states of python, numpy and torch (cpu and cuda) -- only plain types and tensors, so it loads with weights_only.
+
+The files are the same whatever the engine and process count: the full model and the full optimizer state in
+torch's single-process layout (`optimizer.state_dict()`: parameters numbered in param-group order), gathered from
+the shards under FSDP with torch.distributed.checkpoint's state-dict API and written by rank 0. So a run saved on W
+processes resumes on any other number, with either engine.
 """
 
 from __future__ import annotations
@@ -15,12 +20,17 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 
 from lmforge.io import atomic_path
+from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import copy_tokenizer_files
 
 TRAINER_STATE = "trainer_state.pt"
+GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -38,6 +48,49 @@ def save_model_dir(model: nn.Module, path: Path, tokenizer_dir: Optional[str | P
     """Write a complete model dir atomically at `path` (replacing any previous one)."""
     with atomic_path(path) as tmp:
         write_model_files(model, tmp, tokenizer_dir)
+
+
+def gather_model(model: Transformer) -> Optional[Transformer]:
+    """Rank 0: a plain Transformer holding `model`'s full weights on the CPU; None on the other ranks.
+
+    Collective: every process calls it (FSDP all-gathers the shards). The copy is built on the meta device and takes
+    the gathered tensors as its parameters, so the weights are not allocated twice.
+    """
+    state = get_model_state_dict(model, options=GATHERED)
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return None
+    with torch.device("meta"):
+        plain = Transformer(model.config)
+    plain.load_state_dict(state, assign=True)
+    return plain
+
+
+def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimizer's parameters in param-group order: position i is parameter i of optimizer.state_dict()."""
+    names = {id(param): name for name, param in model.named_parameters()}  # a tied weight under its first name
+    return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+
+
+def _rekey(state: dict[str, Any], key: dict) -> dict[str, Any]:
+    """An optimizer state dict with every parameter key k replaced by key[k] (names <-> indices)."""
+    return {"state": {key[k]: value for k, value in state["state"].items()},
+            "param_groups": [{**group, "params": [key[k] for k in group["params"]]} for group in state["param_groups"]]}
+
+
+def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Rank 0: the full optimizer state dict on the CPU in torch's single-process layout; {} on the other ranks.
+    Collective, like gather_model."""
+    state = get_optimizer_state_dict(model, optimizer, options=GATHERED)
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return {}
+    return _rekey(state, {name: i for i, name in enumerate(_parameter_names(model, optimizer))})
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a full single-process optimizer state dict (what gather_optimizer_state wrote) on every process; under
+    FSDP each keeps its shard. Collective."""
+    by_name = _rekey(state, dict(enumerate(_parameter_names(model, optimizer))))
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 def rng_state() -> dict[str, Any]:

@@ -37,6 +37,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: float32 on CPU, bfloat16 autocast on CUDA
     compile: bool = False  # torch.compile the model
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp replicates the model; fsdp (FSDP2) shards weights, grads, optimizer
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% more compute
     time_budget_s: float = 0.0  # stop cleanly (checkpoint, eval, final model) after this many seconds; 0 = none
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up the GPU or measure the CPU
 

@@ -1,5 +1,16 @@
-"""Data parallelism through torchrun: DDP with gloo on CPU and NCCL on GPU; one process when not under torchrun.
+"""Data parallelism through torchrun, on PyTorch's two engines; one process when not under torchrun.
 
+Every process reads its own share of each global batch (see lmforge.train.data). The engines differ in what each
+process holds, chosen by train.parallel:
+
+  ddp   DistributedDataParallel: a full replica of the model and optimizer state on every process; gradients are
+        all-reduced (averaged) during the backward pass.
+  fsdp  FSDP2 (`fully_shard`): parameters, gradients and optimizer state are split into 1/W shards (DTensors).
+        Each transformer block is one unit, the root (embeddings, tied head, final norm) another: a block's full
+        weights are all-gathered just before its forward and backward and freed after; gradients are
+        reduce-scattered (averaged) so each process keeps the shard of its own parameters.
+
+Gradient accumulation skips the reduction on all micro-steps but the last (`no_sync`). Gloo serves CPU, NCCL GPU.
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them everything here is a no-op for a single process.
 Only rank 0 writes files (metrics, checkpoints, plots); the others wait at barriers around checkpoints.
 """
@@ -7,9 +18,9 @@ Only rank 0 writes files (metrics, checkpoints, plots); the others wait at barri
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
@@ -17,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lmforge.device import resolve_device
+from lmforge.errors import ConfigError
 
 
 @dataclass
@@ -46,26 +58,58 @@ def close_distributed(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
-    """DistributedDataParallel over `model` when running with more than one process."""
-    if ctx.world_size == 1:
+def shard_model(model: nn.Module, ctx: DistContext, parallel: str) -> None:
+    """FSDP2 in place: each of model.blocks, then the root (which takes the remaining parameters: embeddings, the
+    tied or untied head, the final norm). A no-op for ddp or one process. Build the optimizer after this, over the
+    sharded parameters."""
+    if parallel != "fsdp" or ctx.world_size == 1:
+        return
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as error:  # FSDP2's public API arrived in torch 2.6
+        raise ConfigError(f"train.parallel=fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is "
+                          f"torch {torch.__version__}: use train.parallel=ddp") from error
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext, parallel: str) -> nn.Module:
+    """DistributedDataParallel over `model` for ddp with more than one process; `model` itself otherwise."""
+    if parallel != "ddp" or ctx.world_size == 1:
         return model
     return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
 def no_sync(model: nn.Module, skip_sync: bool) -> ContextManager:
-    """Skip DDP's gradient all-reduce for the micro-steps of gradient accumulation before the last one."""
-    if skip_sync and isinstance(model, DistributedDataParallel):
+    """Skip the gradient reduction (DDP's all-reduce, FSDP2's reduce-scatter) for the micro-steps of gradient
+    accumulation before the last one; gradients accumulate locally and the last micro-step reduces their sum."""
+    if not skip_sync:
+        return nullcontext()
+    if isinstance(model, DistributedDataParallel):
         return model.no_sync()
+    module = getattr(model, "_orig_mod", model)  # under torch.compile, the FSDP module is the compiled one's
+    if hasattr(module, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(module)
     return nullcontext()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum of `values` over all processes (the values themselves with one process)."""
+@contextmanager
+def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)  # on the root and every sharded block
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """Element-wise sum (op="sum") or maximum (op="max") of `values` over all processes (the values themselves with
+    one process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return tensor.tolist()
 
 

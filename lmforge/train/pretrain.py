@@ -1,11 +1,14 @@
-"""Pretraining: a causal LM on a dataset dir, resumable bit for bit, on one process or under torchrun (DDP).
+"""Pretraining: a causal LM on a dataset dir, resumable bit for bit, on one process or under torchrun.
 
 One optimizer step = grad_accum micro-steps of batch_size sequences (summed over processes) of seq_len tokens:
 
     loss_step = 1/A * sum_a mean_{sequences, positions} CE(model(x_a), y_a),    tokens/step = B * A * T
 
-so the update is the same for any split of B*A into processes and micro-steps. The run dir gets config.json,
-metrics.jsonl, checkpoints/step_N/, loss.png, summary.json and the final model dir final/.
+so the update is the same for any split of B*A into processes and micro-steps. With several processes
+train.parallel picks the engine (lmforge.train.distributed): ddp keeps a full replica per process, fsdp shards
+parameters, gradients and optimizer state (FSDP2). Either way the run dir is the same: config.json,
+metrics.jsonl, checkpoints/step_N/ (full, unsharded: a run resumes on any process count with either engine),
+loss.png, summary.json and the final model dir final/.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 from lmforge.objectives.causal_lm import causal_lm_loss
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import (latest_checkpoint, list_checkpoints, load_trainer_state, rng_state,
-                                      save_checkpoint, save_model_dir, set_rng_state)
+from lmforge.train.checkpoint import (gather_model, gather_optimizer_state, latest_checkpoint, list_checkpoints,
+                                      load_optimizer_state, load_trainer_state, rng_state, save_checkpoint,
+                                      save_model_dir, set_rng_state)
 from lmforge.train.config import DataSection, PretrainConfig, TrainConfig
 from lmforge.train.data import WindowSampler, num_windows, validation_batches
-from lmforge.train.distributed import (DistContext, all_reduce_sum, barrier, close_distributed, init_distributed,
-                                       no_sync, wrap_ddp)
+from lmforge.train.distributed import (DistContext, all_reduce, barrier, close_distributed, init_distributed, no_sync,
+                                       shard_model, wrap_ddp)
 from lmforge.train.metrics import MetricsLog, plot_loss, progress_bar, update_progress
 from lmforge.train.mfu import mfu, peak_flops
 from lmforge.train.optim import build_optimizer, check_schedule, lr_at
@@ -103,8 +107,13 @@ def precision_context(device: torch.device, half: Optional[torch.dtype]) -> Cont
 
 def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]], precision: ContextManager,
              device: torch.device) -> Optional[float]:
-    """Token-weighted mean validation loss over all processes' batches (None if there are none)."""
+    """Token-weighted mean validation loss over all processes' batches (None if there are none).
+
+    Every process calls the model equally often, since an FSDP forward is collective: one with fewer batches (its
+    share of the last batch can be empty) runs it on a dummy token and discards the result.
+    """
     loss_sum, tokens = 0.0, 0.0
+    rounds = int(all_reduce([float(len(batches))], device, op="max")[0])
     was_training = model.training
     model.eval()
     with torch.no_grad(), precision:
@@ -112,8 +121,10 @@ def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]], precision
             _, metrics = causal_lm_loss(model, batch)
             loss_sum += metrics["loss"] * metrics["tokens"]
             tokens += metrics["tokens"]
+        for _ in range(rounds - len(batches)):
+            model(torch.zeros((1, 1), dtype=torch.long, device=device))
     model.train(was_training)
-    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], device)
+    loss_sum, tokens = all_reduce([loss_sum, tokens], device)
     return loss_sum / tokens if tokens else None
 
 
@@ -176,18 +187,20 @@ class PretrainRun:
 
         torch.manual_seed(self.tc.seed)
         self.raw = init_model if init_model is not None else Transformer(cfg.model)
+        self.raw.activation_checkpointing = self.tc.activation_checkpointing
         self.state, self.sampler = RunState(), WindowSampler(train_tokens, seq_len, self.tc.seed)
         saved = self._load_checkpoint(checkpoint) if checkpoint else {}
         self.raw.to(self.device)
+        shard_model(self.raw, ctx, self.tc.parallel)  # fsdp: in place, so the optimizer holds only this shard
         self.optimizer = build_optimizer(self.raw, self.tc, self.device.type)
         if saved:
-            self.optimizer.load_state_dict(saved["optimizer"])
+            load_optimizer_state(self.raw, self.optimizer, saved["optimizer"])
         if ctx.rank == 0 and saved:
             set_rng_state(saved["rng"])
         elif ctx.rank > 0:  # other ranks only need distinct dropout streams; they are not restored bit for bit
             torch.manual_seed(self.tc.seed + 1_000_003 * ctx.rank + self.state.step)
-        self.forward = torch.compile(self.raw) if self.tc.compile else self.raw
-        self.model = wrap_ddp(self.forward, ctx)
+        self.forward = torch.compile(self.raw) if self.tc.compile else self.raw  # outputs only: for validation
+        self.model = wrap_ddp(self.forward, ctx, self.tc.parallel)  # what the training step calls
         self.model.train()
         self.half = autocast_dtype(self.device, self.tc.dtype)
 
@@ -245,12 +258,14 @@ class PretrainRun:
         return val_loss
 
     def save(self) -> None:
+        """Gather the full model and optimizer state (collective); rank 0 writes the checkpoint."""
         barrier()
+        model, optimizer_state = gather_model(self.raw), gather_optimizer_state(self.raw, self.optimizer)
         if self.main:
             trainer_state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen,
-                             "best_val_loss": self.state.best_val_loss, "optimizer": self.optimizer.state_dict(),
+                             "best_val_loss": self.state.best_val_loss, "optimizer": optimizer_state,
                              "sampler": self.sampler.state_dict(), "rng": rng_state()}
-            save_checkpoint(self.run_dir, self.state.step, self.raw, trainer_state, self.tokenizer_dir,
+            save_checkpoint(self.run_dir, self.state.step, model, trainer_state, self.tokenizer_dir,
                             self.tc.keep_checkpoints)
         barrier()
 
@@ -266,7 +281,7 @@ class PretrainRun:
             step_start = time.perf_counter()
             rank_loss, grad_norm = self.train_step()
             over_budget = 0 < tc.time_budget_s < time.perf_counter() - self.started
-            loss_sum, stop_votes = all_reduce_sum([rank_loss, float(over_budget)], self.device)
+            loss_sum, stop_votes = all_reduce([rank_loss, float(over_budget)], self.device)
             train_loss, stopped_early = loss_sum / self.ctx.world_size, stop_votes > 0  # every rank stops together
             step_time = time.perf_counter() - step_start
             train_time += step_time
@@ -289,19 +304,21 @@ class PretrainRun:
         bar.close()
         if state.step == start_step:  # resumed at max_steps: nothing trained, still report the model
             val_loss = self.validate()
+        final_model = gather_model(self.raw)  # collective: the full weights on rank 0
         if self.main:
             tok_per_s = (state.step - start_step) * self.tokens_per_step / train_time if train_time else 0.0
-            self.finish({"steps": state.step, "tokens_seen": state.tokens_seen,
-                         "wall_time_s": time.perf_counter() - self.started, "train_loss": train_loss,
-                         "val_loss": val_loss, "best_val_loss": state.best_val_loss,
-                         "val_bpb": bits_per_byte(val_loss, self.meta["splits"]["val"]), "tokens_per_s": tok_per_s,
-                         "mfu": mfu(self.flops_per_token, tok_per_s, self.peak), "stopped_early": stopped_early})
+            self.finish(final_model, {
+                "steps": state.step, "tokens_seen": state.tokens_seen,
+                "wall_time_s": time.perf_counter() - self.started, "train_loss": train_loss,
+                "val_loss": val_loss, "best_val_loss": state.best_val_loss,
+                "val_bpb": bits_per_byte(val_loss, self.meta["splits"]["val"]), "tokens_per_s": tok_per_s,
+                "mfu": mfu(self.flops_per_token, tok_per_s, self.peak), "stopped_early": stopped_early})
         barrier()
         return self.run_dir
 
-    def finish(self, summary: dict[str, Any]) -> None:
-        """Rank 0: the final model dir, loss.png and summary.json."""
-        save_model_dir(self.raw, self.run_dir / "final", self.tokenizer_dir)
+    def finish(self, model: Transformer, summary: dict[str, Any]) -> None:
+        """Rank 0: the final model dir (of `model`, the gathered full weights), loss.png and summary.json."""
+        save_model_dir(model, self.run_dir / "final", self.tokenizer_dir)
         plot_loss(self.metrics.read(), self.run_dir / "loss.png")
         atomic_write_json(self.run_dir / "summary.json", summary)
         val = "" if summary["val_loss"] is None else (
