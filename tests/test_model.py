@@ -44,6 +44,22 @@ def test_shapes_and_backward(name):
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(name):
+    """Recomputing activations in backward must not change anything, dropout included (its RNG is replayed)."""
+    grads = []
+    for checkpointing in (False, True):
+        model = make(name, dropout=0.1).train()
+        model.activation_checkpointing = checkpointing
+        torch.manual_seed(5)
+        loss = model(tokens(3, 11)).logsumexp(-1).mean()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss_off, grads_off), (loss_on, grads_on) = grads
+    assert torch.equal(loss_off, loss_on)
+    assert all(torch.allclose(a, b, atol=1e-7, rtol=0) for a, b in zip(grads_off, grads_on))
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_future_tokens_do_not_change_past_logits(name):
     model = make(name)

@@ -29,6 +29,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.errors import LmforgeError, PromptTooLongError
 from lmforge.io import load_safetensors
@@ -158,6 +159,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # Recompute each block's activations during backward instead of keeping them (training only): memory for
+        # activations drops from one set per layer to one layer's, for about one extra forward pass of compute.
+        self.activation_checkpointing = False
         if cfg.positions == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -213,8 +217,12 @@ class Transformer(nn.Module):
         else:
             rope = (self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1))  # (B,1,T,hd)
         x = self.drop(x)
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, rope, mask, is_causal, kv_cache)
+            if checkpointing:
+                x = checkpoint(block, x, rope, mask, is_causal, kv_cache, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, is_causal, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm(x)
