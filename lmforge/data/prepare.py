@@ -6,9 +6,12 @@ Two streaming passes; no corpus is ever held in memory:
    splits each kept document into train or val by a hash of its cleaned text (stable across runs, seeds and
    mixtures: `mixture.hash_fraction(text, val_fraction)` -> val), uses its mixture draw (made for every document
    read; train only, see `mixture.py`) and spools it to a temp file inside the dataset dir being built.
-2. If no tokenizer is given, one is trained on the spooled training text. The spool streams through worker
-   processes (each loads the tokenizer once) that encode each document as its ids followed by eos; the ids are
-   appended to the shards of its split.
+2. If no tokenizer is given, one is trained on the spooled training text. The spool streams, in batches, to an
+   encoder that turns each document into its ids followed by eos; the ids are appended to the shards of its split.
+   The encoder is tiktoken (`fast_encode.py`: proven to give exactly the ids of `Tokenizer.encode`, checked again
+   on the first batch of each split; run in threads, as it releases the GIL) when the tokenizer qualifies, else
+   Hugging Face `tokenizers` in worker processes (each loads the tokenizer once). meta.json's `encoder` says which
+   and why.
 
 meta.json per source: documents and bytes read, weight, kept_documents (after cleaning and dedup), removed (count
 per filter or dedup method), train_documents / val_documents (copies written), train_tokens / val_tokens, and
@@ -25,18 +28,20 @@ import json
 import multiprocessing
 import os
 import shutil
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
 import numpy as np
 
 from lmforge.config import config_to_dict
 from lmforge.data.clean import FILTERS, CleanConfig, CleanResult, clean_document
 from lmforge.data.dedup import DedupConfig, Deduplicator, Fingerprint, Fingerprinter
+from lmforge.data.fast_encode import FastEncoder, UnsupportedTokenizer, fast_encoder
 from lmforge.data.mixture import SourceSampler, effective_epochs, hash_fraction
 from lmforge.data.shards import DATASET_FORMAT, DEFAULT_SHARD_TOKENS, ShardWriter, shard_dtype
 from lmforge.data.sources import SourceConfig, source_files
@@ -60,9 +65,10 @@ class DataConfig:
     seed: int = 0  # mixture sampling seed
     clean: CleanConfig = field(default_factory=CleanConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
-    num_workers: int = 0  # worker processes for cleaning and tokenizing; 0 = one per CPU, 1 = in-process
+    num_workers: int = 0  # workers (processes; threads for tiktoken): 0 = one per CPU, 1 = in-process
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # tokens per shard file
     batch_documents: int = 256  # documents sent to a worker at a time
+    encoder: Literal["auto", "tiktoken", "tokenizers"] = "auto"  # auto: tiktoken where its ids are provably equal
     cache_dir: Optional[str] = None  # built-in corpus cache; None = $LMFORGE_CACHE or ~/.cache/lmforge
 
 
@@ -98,7 +104,9 @@ def prepare_dataset(cfg: DataConfig) -> Path:
         finally:
             spool.close()
         tokenizer = _tokenizer(cfg, given_tokenizer, spool, build_dir / "tokenizer")
-        splits = {split: _write_split(cfg, split, spool, build_dir, tokenizer.vocab_size, workers, stats)
+        fast, encoder = _choose_encoder(cfg, tokenizer, spool)
+        task = _EncodeTask(str(build_dir / "tokenizer"), fast)
+        splits = {split: _write_split(cfg, split, spool, build_dir, tokenizer.vocab_size, task, workers, stats)
                   for split in SPLITS}
         shutil.rmtree(spool.root)
         atomic_write_text(build_dir / "samples.txt", _format_samples(cfg, samples))
@@ -106,7 +114,7 @@ def prepare_dataset(cfg: DataConfig) -> Path:
             "format": DATASET_FORMAT, "dtype": str(shard_dtype(tokenizer.vocab_size)),
             "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
             "tokenizer_fingerprint": tokenizer.fingerprint,
-            "tokenizer_dir": str((out_dir / "tokenizer").resolve()),
+            "tokenizer_dir": str((out_dir / "tokenizer").resolve()), "encoder": encoder,
             "splits": splits, "sources": {s.name: stats[i].to_json() for i, s in enumerate(cfg.sources)},
             "filters": filters, "dedup": dedup_removed,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": config_to_dict(cfg)})
@@ -193,24 +201,34 @@ class _CleanTask:
 
 
 class _EncodeTask:
-    """Worker task of pass 2: per document (source index, UTF-8 bytes, ids followed by eos as uint32).
+    """Pass-2 task: a batch of (source index, text) -> (source index and token count per document, UTF-8 bytes of
+    the batch, ids): each document's ids followed by eos, concatenated, as uint32.
 
-    The tokenizer is loaded on first use, once per worker process (it is not pickled with the task)."""
+    With `fast` (a FastEncoder) it runs tiktoken; else it loads the tokenizer at `tokenizer_dir` on first use, once
+    per worker process (the tokenizer is not pickled with the task)."""
 
-    def __init__(self, tokenizer_dir: str) -> None:
+    def __init__(self, tokenizer_dir: str, fast: Optional[FastEncoder] = None) -> None:
         self.tokenizer_dir = tokenizer_dir
+        self.fast = fast
         self._tokenizer: Optional[Tokenizer] = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"tokenizer_dir": self.tokenizer_dir, "_tokenizer": None}
+        return {"tokenizer_dir": self.tokenizer_dir, "fast": self.fast, "_tokenizer": None}
 
-    def __call__(self, batch: list[tuple[int, str]]) -> list[tuple[int, int, np.ndarray]]:
+    def __call__(self, batch: list[tuple[int, str]]) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+        texts = [text for _, text in batch]
+        sources = np.array([source_index for source_index, _ in batch], dtype=np.int64)
+        num_bytes = sum(len(text.encode("utf-8")) for text in texts)
+        if self.fast is not None:
+            ids = self.fast.encode_documents(texts)
+            lengths = np.diff(np.flatnonzero(ids == self.fast.eos_id) + 1, prepend=0)  # eos ends each document
+            return sources, lengths, num_bytes, ids
         if self._tokenizer is None:
             self._tokenizer = Tokenizer.load(self.tokenizer_dir)
-        eos = self._tokenizer.eos_id
-        encoded = self._tokenizer.encode_batch([text for _, text in batch])
-        return [(source_index, len(text.encode("utf-8")), np.array(ids + [eos], dtype=np.uint32))
-                for (source_index, text), ids in zip(batch, encoded)]
+        encoded = self._tokenizer.encode_batch(texts, add_eos=True)
+        lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
+        ids = np.fromiter((i for ids in encoded for i in ids), dtype=np.uint32, count=int(lengths.sum()))
+        return sources, lengths, num_bytes, ids
 
 
 _worker_task: Optional[Callable[[Any], Any]] = None  # set once per worker process by _init_worker
@@ -227,10 +245,22 @@ def _run_worker(item: Any) -> Any:
     return _worker_task(item)
 
 
-def _ordered_map(task: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
-    """task(item) for each item, in order; in `workers` spawned processes when workers > 1."""
+def _ordered_map(task: Callable[[Any], Any], items: Iterable[Any], workers: int,
+                 threads: bool = False) -> Iterator[Any]:
+    """task(item) for each item, in order; when workers > 1, in `workers` threads (for a task that releases the
+    GIL; at most 2 items in flight per thread) or else spawned processes."""
     if workers <= 1:
         yield from map(task, items)
+        return
+    if threads:
+        with ThreadPoolExecutor(workers) as executor:
+            pending: deque = deque()
+            for item in items:
+                pending.append(executor.submit(task, item))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
         return
     # spawn, not fork: a forked child of a process whose tokenizers/torch threads are running can deadlock.
     with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (task,)) as pool:
@@ -295,18 +325,45 @@ def _tokenizer(cfg: DataConfig, given: Optional[Tokenizer], spool: _Spool, token
     return tokenizer
 
 
-def _write_split(cfg: DataConfig, split: str, spool: _Spool, build_dir: Path, vocab_size: int, workers: int,
-                 stats: list[_SourceStats]) -> dict[str, Any]:
-    """Pass 2 for one split: encode the spooled documents in workers and append them to shards."""
+def _choose_encoder(cfg: DataConfig, tokenizer: Tokenizer, spool: _Spool) -> tuple[Optional[FastEncoder], dict]:
+    """The FastEncoder for pass 2 (None: tokenizers) as cfg.encoder asks, and {library, why} for meta.json.
+
+    The fast encoder is proven exact (see fast_encode.py); its ids are also compared with the tokenizer's on the
+    first batch of each split, a guard against a change in either library."""
+    def fall_back(why: str) -> tuple[None, dict]:
+        if cfg.encoder == "tiktoken":
+            raise ConfigError(f"data.encoder tiktoken: cannot encode exactly with tiktoken: {why}")
+        if cfg.encoder == "auto":
+            print(f"lmforge data prepare: encoding with tokenizers, not tiktoken: {why}", flush=True)
+        return None, {"library": "tokenizers", "why": why}
+
+    if cfg.encoder == "tokenizers":
+        return fall_back("data.encoder is tokenizers")
+    try:
+        fast = fast_encoder(tokenizer)
+    except UnsupportedTokenizer as exc:
+        return fall_back(str(exc))
+    for split in SPLITS:
+        texts = [text for _, text in islice(spool.read(split), cfg.batch_documents)]
+        expected = [i for ids in tokenizer.encode_batch(texts, add_eos=True) for i in ids]
+        if fast.encode_documents(texts).tolist() != expected:
+            return fall_back(f"tiktoken's ids differ from tokenizers' on the first {split} documents (please report)")
+    return fast, {"library": "tiktoken", "why": "same ids as tokenizers: byte-level BPE with merge-ordered ids "
+                                                "(lmforge/data/fast_encode.py)"}
+
+
+def _write_split(cfg: DataConfig, split: str, spool: _Spool, build_dir: Path, vocab_size: int, task: _EncodeTask,
+                 workers: int, stats: list[_SourceStats]) -> dict[str, Any]:
+    """Pass 2 for one split: encode the spooled documents in batches and append them to shards."""
     writer = ShardWriter(build_dir, split, vocab_size, cfg.shard_tokens)
     documents = text_bytes = 0
     batches = _chunks(spool.read(split), cfg.batch_documents)
-    for encoded in _ordered_map(_EncodeTask(str(build_dir / "tokenizer")), batches, workers):
-        for source_index, num_bytes, ids in encoded:
-            writer.write(ids)
-            stats[source_index].split_tokens[split] += len(ids)
-            text_bytes += num_bytes
-        documents += len(encoded)
+    for sources, lengths, num_bytes, ids in _ordered_map(task, batches, workers, threads=task.fast is not None):
+        writer.write(ids)
+        for source_index in np.unique(sources):
+            stats[source_index].split_tokens[split] += int(lengths[sources == source_index].sum())
+        documents += len(lengths)
+        text_bytes += num_bytes
     return {"shards": writer.close(), "tokens": writer.tokens, "documents": documents, "bytes": text_bytes}
 
 
