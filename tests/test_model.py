@@ -215,3 +215,18 @@ def test_from_dir_errors(tmp_path):
     (tmp_path / "other" / "model.safetensors").rename(tmp_path / "model.safetensors")
     with pytest.raises(LmforgeError, match="wrong shape"):
         Transformer.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 40])
+def test_linear_keeps_an_input_major_weight_and_blocks_few_row_products(rows):
+    torch.manual_seed(0)
+    layer = transformer_module.Linear(16, 2 * transformer_module.Linear.BLOCK + 100, bias=True)
+    assert layer.weight.shape == (layer.out_features, 16) and layer.weight.stride() == (1, layer.out_features)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(rows, 1, 16)
+    with torch.no_grad():  # rows 2..32 take the column-block path
+        assert torch.allclose(layer(x), x @ layer.weight.t() + layer.bias, atol=1e-5)
+    state = layer.state_dict()
+    other = transformer_module.Linear(16, layer.out_features)
+    other.load_state_dict(state)
+    assert torch.equal(other.weight, layer.weight) and other.weight.stride() == layer.weight.stride()

@@ -91,6 +91,15 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     FSDP each keeps its shard. Collective."""
     by_name = _rekey(state, dict(enumerate(_parameter_names(model, optimizer))))
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    # Moments saved from a differently laid out parameter (an FSDP run's contiguous shards, resumed on one process
+    # whose Linear weights are input-major) take the parameter's memory order: the fused AdamW kernel walks
+    # parameter, gradient and moments as flat arrays.
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            moments = optimizer.state.get(param, {})
+            for key, value in moments.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    moments[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def rng_state() -> dict[str, Any]:

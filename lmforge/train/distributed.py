@@ -69,6 +69,10 @@ def shard_model(model: nn.Module, ctx: DistContext, parallel: str) -> None:
     except ImportError as error:  # FSDP2's public API arrived in torch 2.6
         raise ConfigError(f"train.parallel=fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is "
                           f"torch {torch.__version__}: use train.parallel=ddp") from error
+    for module in model.modules():  # FSDP2 shards dim 0 of contiguous tensors; lmforge's Linear keeps (in, out) order
+        for name, param in module.named_parameters(recurse=False):
+            if not param.is_contiguous():
+                setattr(module, name, nn.Parameter(param.detach().contiguous(), requires_grad=param.requires_grad))
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)

@@ -27,8 +27,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW(lr, betas=(beta1, beta2)) over `param_groups`; the fused kernel on CUDA, foreach elsewhere."""
-    fused = device_type == "cuda"
+    """AdamW(lr, betas=(beta1, beta2)) over `param_groups`, with torch's fused kernel (one pass over each tensor's
+    parameter, gradient and moments) on CUDA and CPU, and foreach elsewhere."""
+    fused = device_type in ("cuda", "cpu")
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=fused, foreach=None if fused else True)
 

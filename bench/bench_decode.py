@@ -1,0 +1,77 @@
+"""Decoding speed and prefill latency: lmforge `generate` against transformers `generate`, same weights, one process.
+
+    python bench/bench_decode.py [--repeats 5] [--threads 2] [--json results.jsonl]
+
+Decoding: greedy, 32-token prompts, exactly 128 new tokens (no eos), at batch 1 and batch 8; new tokens/s counts
+every row's tokens (batch x 128 / seconds), prefill included, as a user of `generate` sees it. transformers runs
+`generate(do_sample=False)` with its default dynamic KV cache. Prefill: time to the first new token of a 512-token
+prompt (generate with max_new_tokens=1). Before timing, both produce the same token ids (printed and recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BENCH_MODEL, add_common_args, alternate, build_pair, emit, setup_threads  # noqa: E402
+
+from lmforge.infer.generate import GenerationConfig, generate  # noqa: E402
+
+
+def hf_generate(hf, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """transformers greedy generate of exactly new_tokens tokens; returns the new ids (B, new_tokens)."""
+    out = hf.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                      min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[:, prompts.shape[1]:]
+
+
+def ours_generate(model, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    completions = generate(model, prompts, GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, eos=False))
+    return torch.tensor([c.token_ids for c in completions])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-len", type=int, default=512)
+    args = parser.parse_args()
+    setup_threads(args.threads)
+    ours, hf = build_pair()
+    ours.eval()
+    hf.eval()
+    generator = torch.Generator().manual_seed(1)
+    results = {"benchmark": "decode", "model": BENCH_MODEL.to_dict(), "repeats": args.repeats, "rows": []}
+    print(f"decode: {ours.num_parameters():,} parameters, {args.prompt_len}-token prompts, {args.new_tokens} new "
+          f"tokens, greedy, {args.threads} threads")
+    for batch_size in (1, 8):
+        prompts = torch.randint(0, BENCH_MODEL.vocab_size, (batch_size, args.prompt_len), generator=generator)
+        same = torch.equal(ours_generate(ours, prompts, args.new_tokens), hf_generate(hf, prompts, args.new_tokens))
+        timings = alternate({"lmforge": lambda: ours_generate(ours, prompts, args.new_tokens),
+                             "transformers": lambda: hf_generate(hf, prompts, args.new_tokens)}, args.repeats)
+        tokens = batch_size * args.new_tokens
+        ours_tps, hf_tps = tokens / timings.median("lmforge"), tokens / timings.median("transformers")
+        print(f"  batch {batch_size}: lmforge {ours_tps:8.1f} tok/s   transformers {hf_tps:8.1f} tok/s   "
+              f"ratio {ours_tps / hf_tps:.2f}x   identical ids: {same}")
+        results["rows"].append({"name": f"decode batch {batch_size}", "lmforge_tok_s": ours_tps,
+                                "transformers_tok_s": hf_tps, "ratio": ours_tps / hf_tps, "identical": same})
+
+    prompt = torch.randint(0, BENCH_MODEL.vocab_size, (1, args.prefill_len), generator=generator)
+    same = torch.equal(ours_generate(ours, prompt, 1), hf_generate(hf, prompt, 1))
+    timings = alternate({"lmforge": lambda: ours_generate(ours, prompt, 1),
+                         "transformers": lambda: hf_generate(hf, prompt, 1)}, args.repeats)
+    ours_ms, hf_ms = 1000 * timings.median("lmforge"), 1000 * timings.median("transformers")
+    print(f"  prefill {args.prefill_len} tokens: lmforge {ours_ms:7.1f} ms   transformers {hf_ms:7.1f} ms   "
+          f"ratio {hf_ms / ours_ms:.2f}x   identical first token: {same}")
+    results["rows"].append({"name": f"prefill {args.prefill_len}", "lmforge_ms": ours_ms, "transformers_ms": hf_ms,
+                            "ratio": hf_ms / ours_ms, "identical": same})
+    emit(results, args.json)
+
+
+if __name__ == "__main__":
+    main()

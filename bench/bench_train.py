@@ -1,0 +1,146 @@
+"""Training throughput and peak memory: lmforge against transformers, same model, same weights, same batches.
+
+    python bench/bench_train.py [--repeats 5] [--threads 2] [--batch-size 8] [--compile] [--json results.jsonl]
+
+One timed step is forward + backward + AdamW step + zero_grad on a (batch_size, seq_len) batch of token ids, fp32.
+lmforge runs exactly what `lmforge pretrain` runs per micro-step (causal_lm_loss, build_optimizer); transformers runs
+LlamaForCausalLM (SDPA attention) with the cross-entropy of its logits and torch's AdamW (foreach, the faster of
+torch's two CPU implementations). MFU = flops_per_token x tokens/s / measured fp32 matmul peak (the best of the
+peaks measured before each round, so a conservative MFU), with the same
+flops_per_token for both: 6N (N: every weight multiplied by an activation, the LM head included) plus the attention
+matmuls over the full context. Peak memory runs each contender in a fresh process (ru_maxrss), once with
+activation checkpointing off and once on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (BENCH_MODEL, add_common_args, alternate, build_pair, emit, matmul_peak, peak_rss_mib,  # noqa: E402
+                    rss_mib, setup_threads)
+
+from lmforge.objectives.causal_lm import causal_lm_loss  # noqa: E402
+from lmforge.train.config import TrainConfig  # noqa: E402
+from lmforge.train.optim import build_optimizer  # noqa: E402
+
+LR, BETAS, WEIGHT_DECAY = 3e-4, (0.9, 0.95), 0.1
+
+
+def make_steps(batch: dict[str, torch.Tensor], checkpointing: bool = False, compile_ours: bool = False):
+    """Step functions {name: step()} for both libraries; each step returns its loss tensor (detached)."""
+    ours, hf = build_pair()
+    ours.train()
+    hf.train()
+    ours.activation_checkpointing = checkpointing
+    if checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ours_forward = torch.compile(ours) if compile_ours else ours
+    ours_opt = build_optimizer(ours, TrainConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WEIGHT_DECAY),
+                               "cpu")
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, foreach=True)
+
+    def step_ours() -> torch.Tensor:
+        loss, _ = causal_lm_loss(ours_forward, batch)
+        loss.backward()
+        ours_opt.step()
+        ours_opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def step_hf() -> torch.Tensor:
+        logits = hf(input_ids=batch["input_ids"]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
+        loss.backward()
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    name = "lmforge (compiled)" if compile_ours else "lmforge"
+    return {name: step_ours, "transformers": step_hf}, ours
+
+
+def make_batch(batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    window = torch.randint(0, BENCH_MODEL.vocab_size, (batch_size, seq_len + 1), generator=generator)
+    return {"input_ids": window[:, :-1], "targets": window[:, 1:]}
+
+
+def memory_child(name: str, checkpointing: bool, batch_size: int, seq_len: int) -> None:
+    """Run 2 steps of one contender in this (fresh) process and print its memory as one JSON line."""
+    steps, _ = make_steps(make_batch(batch_size, seq_len), checkpointing)
+    before = rss_mib()
+    for _ in range(2):
+        steps[name]()
+    print(json.dumps({"name": name, "checkpointing": checkpointing, "rss_before_mib": before,
+                      "peak_rss_mib": peak_rss_mib()}))
+
+
+def measure_memory(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for name in ("lmforge", "transformers"):
+        for checkpointing in (False, True):
+            cmd = [sys.executable, __file__, "--memory-child", name, "--threads", str(args.threads),
+                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+            if checkpointing:
+                cmd.append("--checkpointing")
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            rows.append(json.loads(out))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--compile", action="store_true", help="also time lmforge under torch.compile")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    setup_threads(args.threads)
+    if args.memory_child:
+        memory_child(args.memory_child, args.checkpointing, args.batch_size, args.seq_len)
+        return
+
+    batch = make_batch(args.batch_size, args.seq_len)
+    steps, ours = make_steps(batch)
+    if args.compile:
+        compiled, _ = make_steps(batch, compile_ours=True)
+        steps = {"lmforge (compiled)": compiled["lmforge (compiled)"], **steps}
+    first = {name: float(step()) for name, step in steps.items()}  # same weights and batch: same first loss
+    peaks: list[float] = []
+    timings = alternate(steps, args.repeats, each_round=lambda: peaks.append(matmul_peak()))
+    peak = max(peaks)  # the machine at its best: MFU is then a lower bound
+    tokens = args.batch_size * args.seq_len
+    flops_per_token = ours.flops_per_token(args.seq_len)
+    hf_tps = tokens / timings.median("transformers")
+    print(f"train: {ours.num_parameters():,} parameters, batch {args.batch_size} x {args.seq_len} tokens, fp32, "
+          f"{args.threads} threads; matmul peak {peak / 1e9:.1f} GFLOP/s; {flops_per_token / 1e6:.1f} MFLOP/token")
+    rows = []
+    for name in steps:
+        tps = tokens / timings.median(name)
+        row = {"name": name, "tok_s": tps, "mfu": flops_per_token * tps / peak, "ratio": tps / hf_tps,
+               "step_s": timings.median(name), "first_loss": first[name]}
+        rows.append(row)
+        print(f"  {name:20s} {tps:8.1f} tok/s   MFU {row['mfu']:6.1%}   {row['ratio']:.2f}x transformers   "
+              f"first loss {first[name]:.6f}")
+    result = {"benchmark": "train", "model": BENCH_MODEL.to_dict(), "batch_size": args.batch_size,
+              "seq_len": args.seq_len, "peak_flops": peak, "flops_per_token": flops_per_token, "rows": rows}
+    if not args.skip_memory:
+        result["memory"] = measure_memory(args)
+        for m in result["memory"]:
+            print(f"  peak memory {m['name']:12s} checkpointing {'on ' if m['checkpointing'] else 'off'}: "
+                  f"{m['peak_rss_mib']:7.0f} MiB (model + optimizer before the steps: {m['rss_before_mib']:.0f} MiB)")
+    emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
