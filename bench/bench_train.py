@@ -121,13 +121,13 @@ def main() -> None:
     peak = max(peaks)  # the machine at its best: MFU is then a lower bound
     tokens = args.batch_size * args.seq_len
     flops_per_token = ours.flops_per_token(args.seq_len)
-    hf_tps = tokens / timings.median("transformers")
     print(f"train: {ours.num_parameters():,} parameters, batch {args.batch_size} x {args.seq_len} tokens, fp32, "
           f"{args.threads} threads; matmul peak {peak / 1e9:.1f} GFLOP/s; {flops_per_token / 1e6:.1f} MFLOP/token")
     rows = []
     for name in steps:
         tps = tokens / timings.median(name)
-        row = {"name": name, "tok_s": tps, "mfu": flops_per_token * tps / peak, "ratio": tps / hf_tps,
+        row = {"name": name, "tok_s": tps, "mfu": flops_per_token * tps / peak,
+               "ratio": timings.speedup(name, "transformers"),
                "step_s": timings.median(name), "first_loss": first[name]}
         rows.append(row)
         print(f"  {name:20s} {tps:8.1f} tok/s   MFU {row['mfu']:6.1%}   {row['ratio']:.2f}x transformers   "

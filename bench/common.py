@@ -2,7 +2,8 @@
 
 Protocol: each contender is warmed up, then the contenders run alternately (A B A B ...) for `repeats` rounds, so
 a slow minute on a shared machine hurts both alike; a figure is the median over rounds and the ratio is
-lmforge / transformers (above 1 means lmforge is faster). Nothing here is asserted: benchmarks report, tests check.
+the median over rounds of each round's transformers time / lmforge time (above 1 means lmforge is faster). Nothing
+here is asserted: benchmarks report, tests check.
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ class Timings:
 
     def median(self, name: str) -> float:
         return statistics.median(self.seconds[name])
+
+    def speedup(self, name: str, reference: str) -> float:
+        """Median over rounds of reference time / name time, each round's pair measured back to back: steadier than
+        a ratio of medians when the machine's speed drifts between rounds."""
+        return statistics.median(r / t for r, t in zip(self.seconds[reference], self.seconds[name]))
 
 
 def alternate(contenders: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,

@@ -65,7 +65,8 @@ def main() -> None:
     out.unlink(missing_ok=True)
     for script in SCRIPTS:
         print(f"== {script}", flush=True)
-        subprocess.run([sys.executable, str(HERE / script), "--repeats", str(args.repeats), "--json", str(out)],
+        extra = ["--compile"] if script == "bench_train.py" else []
+        subprocess.run([sys.executable, str(HERE / script), "--repeats", str(args.repeats), "--json", str(out), *extra],
                        check=True)
     results = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     print(table(results))
