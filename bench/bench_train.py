@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--compile", action="store_true", help="also time lmforge under torch.compile")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory runs")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -110,6 +111,12 @@ def main() -> None:
         memory_child(args.memory_child, args.checkpointing, args.batch_size, args.seq_len)
         return
 
+    if args.memory_only:
+        memory = measure_memory(args)
+        print_memory(memory)
+        emit({"benchmark": "memory", "model": BENCH_MODEL.to_dict(), "batch_size": args.batch_size,
+              "seq_len": args.seq_len, "memory": memory}, args.json)
+        return
     batch = make_batch(args.batch_size, args.seq_len)
     steps, ours = make_steps(batch)
     if args.compile:
@@ -136,10 +143,15 @@ def main() -> None:
               "seq_len": args.seq_len, "peak_flops": peak, "flops_per_token": flops_per_token, "rows": rows}
     if not args.skip_memory:
         result["memory"] = measure_memory(args)
-        for m in result["memory"]:
-            print(f"  peak memory {m['name']:12s} checkpointing {'on ' if m['checkpointing'] else 'off'}: "
-                  f"{m['peak_rss_mib']:7.0f} MiB (model + optimizer before the steps: {m['rss_before_mib']:.0f} MiB)")
+        print_memory(result["memory"])
     emit(result, args.json)
+
+
+def print_memory(memory: list[dict]) -> None:
+    for m in memory:
+        print(f"  peak memory {m['name']:12s} checkpointing {'on ' if m['checkpointing'] else 'off'}: "
+              f"{m['peak_rss_mib']:7.0f} MiB, of which the training steps {m['peak_rss_mib'] - m['rss_before_mib']:.0f}"
+              f" MiB (both models built before: {m['rss_before_mib']:.0f} MiB)")
 
 
 if __name__ == "__main__":

@@ -29,11 +29,12 @@ def table(results: list[dict]) -> str:
                     lines.append(f"| training, {row['name']} | {row['tok_s']:.0f} tok/s, MFU {row['mfu']:.1%} | "
                                  f"{hf['tok_s']:.0f} tok/s, MFU {hf['mfu']:.1%} | {row['ratio']:.2f}x | matmul peak "
                                  f"{result['peak_flops'] / 1e9:.1f} GFLOP/s |")
+        if kind in ("train", "memory"):
             for mem in result.get("memory", []):
                 lines.append(f"| peak memory, {mem['name']}, checkpointing {'on' if mem['checkpointing'] else 'off'}"
-                             f" | {mem['peak_rss_mib']:.0f} MiB | | | RSS before the steps {mem['rss_before_mib']:.0f}"
-                             " MiB |")
-        elif kind == "decode":
+                             f" | {mem['peak_rss_mib']:.0f} MiB | | | of which the steps: "
+                             f"{mem['peak_rss_mib'] - mem['rss_before_mib']:.0f} MiB |")
+        if kind == "decode":
             for row in result["rows"]:
                 if "lmforge_ms" in row:
                     lines.append(f"| {row['name']} tokens, time to first token | {row['lmforge_ms']:.0f} ms | "
@@ -60,8 +61,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(HERE / "results.jsonl"))
+    parser.add_argument("--table-only", action="store_true", help="print the table of an existing --out file")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.table_only:
+        print(table([json.loads(line) for line in out.read_text().splitlines() if line.strip()]))
+        return
     out.unlink(missing_ok=True)
     for script in SCRIPTS:
         print(f"== {script}", flush=True)
