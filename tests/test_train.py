@@ -326,6 +326,14 @@ def test_activation_checkpointing_trains_the_same_model(dataset, tmp_path):
     assert_same_weights(weights(checkpointed), weights(plain), atol=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_training_matches_eager(dataset, tmp_path):
+    compiled = run(dataset, tmp_path / "compiled", compile=True, max_steps=3)
+    eager = run(dataset, tmp_path / "eager", max_steps=3)
+    assert train_losses(compiled) == pytest.approx(train_losses(eager), abs=1e-5)
+    assert_same_weights(weights(compiled), weights(eager), atol=1e-5)
+
+
 def test_bfloat16_autocast_trains(dataset, tmp_path):
     run_dir = run(dataset, tmp_path / "bf16", dtype="bfloat16", max_steps=3, checkpoint_interval=0)
     summary = json.loads((run_dir / "summary.json").read_text())
