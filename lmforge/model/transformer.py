@@ -44,8 +44,7 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 like HF LLaMA (written out: on the CPU this is
-    fewer kernels than F.rms_norm's decomposition)."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 like HF LLaMA."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -53,9 +52,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x if x.dtype == torch.float32 else x.float()  # no dtype calls in fp32: decoding pays per operation
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(self.eps))
-        return self.weight * (y if y.dtype == x.dtype else y.to(x.dtype))
+        if x.dtype == torch.float32:  # one call: decoding pays per operation (~47 vs ~59 us for 4 ops written out)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
 class Linear(nn.Linear):
@@ -67,7 +66,7 @@ class Linear(nn.Linear):
       (state dicts are written contiguous) and load_state_dict copies into this layout;
     - without autograd, an input of 2..32 rows times a wide weight (decoding a batch: the LM head, the gated MLP's
       up projection) is multiplied in column blocks of BLOCK outputs: MKL packs the whole weight for every
-      few-row product, and blocks that fit the cache halve the time of an (8 x 512) @ (512 x 8192) product.
+      few-row product, and blocks that fit the cache took 15-55% off an (8 x 512) @ (512 x 8192) product.
     """
 
     BLOCK = 1536
