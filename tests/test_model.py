@@ -220,7 +220,7 @@ def test_from_dir_errors(tmp_path):
 @pytest.mark.parametrize("rows", [1, 8, 40])
 def test_linear_keeps_an_input_major_weight_and_blocks_few_row_products(rows):
     torch.manual_seed(0)
-    layer = transformer_module.Linear(16, 2 * transformer_module.Linear.BLOCK + 100, bias=True)
+    layer = transformer_module.Linear(16, 2 * transformer_module.Linear.BLOCK + 100, bias=True)  # widening
     assert layer.weight.shape == (layer.out_features, 16) and layer.weight.stride() == (1, layer.out_features)
     torch.nn.init.normal_(layer.bias)
     x = torch.randn(rows, 1, 16)
@@ -230,3 +230,4 @@ def test_linear_keeps_an_input_major_weight_and_blocks_few_row_products(rows):
     other = transformer_module.Linear(16, layer.out_features)
     other.load_state_dict(state)
     assert torch.equal(other.weight, layer.weight) and other.weight.stride() == layer.weight.stride()
+    assert transformer_module.Linear(32, 16).weight.is_contiguous()  # narrowing weights keep the (out, in) order

@@ -58,22 +58,25 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, names and shapes) tuned for MKL on the CPU, measured in bench/bench_decode.py:
+    """nn.Linear (same parameters, names and shapes) tuned for few-row products with MKL on the CPU, which are most of
+    a decoding step (measured with bench/bench_decode.py and the microbenchmarks in dev/LOG.md):
 
-    - the weight (out, in) is kept in (in, out) memory order, like GPT-2's Conv1D, so y = x @ W^T reads a
-      contiguous (in, out) matrix: MKL's few-row GEMM is ~1.4x faster on that layout, and that GEMM is most of a
-      decoding step; training's large matmuls run at the same speed either way. Saved files are unchanged
-      (state dicts are written contiguous) and load_state_dict copies into this layout;
+    - a widening weight (out > in: q/k/v, the MLP's up projection, the LM head) is kept in (in, out) memory order,
+      like GPT-2's Conv1D, so y = x @ W^T reads a contiguous (in, out) matrix: ~1.3x faster at 1 and 8 rows. A
+      narrowing one (attention output, MLP down) is faster in the usual (out, in) order and keeps it. Training's
+      large matmuls run at the same speed either way. Saved files are unchanged (state dicts are written
+      contiguous) and load_state_dict copies into the layout;
     - without autograd, an input of 2..32 rows times a wide weight (decoding a batch: the LM head, the gated MLP's
       up projection) is multiplied in column blocks of BLOCK outputs: MKL packs the whole weight for every
       few-row product, and blocks that fit the cache took 15-55% off an (8 x 512) @ (512 x 8192) product.
     """
 
-    BLOCK = 1536
+    BLOCK = 1024
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
-        self.weight = nn.Parameter(self.weight.detach().t().contiguous().t())
+        if out_features > in_features:
+            self.weight = nn.Parameter(self.weight.detach().t().contiguous().t())
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // max(1, x.shape[-1])
