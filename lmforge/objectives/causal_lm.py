@@ -8,7 +8,8 @@ from torch import nn
 from lmforge.objectives.cross_entropy import IGNORE_INDEX  # targets equal to this are left out of the loss
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
+                   sync: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean next-token cross-entropy, computed in fp32.
 
         loss = -1/N * sum_{b,t : y[b,t] != -100} log softmax(z[b,t])[y[b,t]]
@@ -16,9 +17,13 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     where z = model(input_ids) are the logits (B, T, V), y = batch["targets"] (B, T) (already shifted: y[b,t] is
     the token after input_ids[b,t]) and N is the number of counted targets. The model computes it itself from
     `targets` (Transformer.forward fuses the LM head into the loss, without materializing z).
-    Returns the loss tensor (for backward) and metrics {"loss": nats/token, "tokens": N}.
+    Returns the loss tensor (for backward) and metrics {"loss": nats/token, "tokens": N}: Python floats, or with
+    sync=False detached 0-d tensors, so that a GPU training loop waits for the device once per optimizer step
+    rather than once per micro-batch.
     """
     targets = batch["targets"]
     loss = model(batch["input_ids"], targets=targets)
-    tokens = int((targets != IGNORE_INDEX).sum())
+    tokens = (targets != IGNORE_INDEX).sum()
+    if not sync:
+        return loss, {"loss": loss.detach(), "tokens": tokens}
     return loss, {"loss": loss.item(), "tokens": float(tokens)}

@@ -237,16 +237,16 @@ class PretrainRun:
             batch = self.sampler.next_batch(tc.batch_size, self.ctx.rank, self.ctx.world_size, self.device)
             with no_sync(self.model, skip_sync=micro < tc.grad_accum - 1):
                 with self.precision():
-                    loss, metrics = causal_lm_loss(self.model, batch)
+                    loss, metrics = causal_lm_loss(self.model, batch, sync=False)
                 (loss / tc.grad_accum).backward()
-            loss_sum += metrics["loss"]
+            loss_sum = loss_sum + metrics["loss"]
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf  # inf: only measure (the scale is exactly 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
-        return loss_sum / tc.grad_accum, float(grad_norm)
+        return float(loss_sum) / tc.grad_accum, float(grad_norm)
 
     def validate(self) -> Optional[float]:
         val_loss = evaluate(self.forward, self.val_batches, self.precision(), self.device)
