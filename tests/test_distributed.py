@@ -106,3 +106,15 @@ def test_fsdp_on_a_torch_without_fully_shard_is_a_config_error(monkeypatch):
     model = Transformer(ModelConfig(**TINY_MODEL))
     with pytest.raises(ConfigError, match=r"^train\.parallel=fsdp needs torch >= 2\.6 .*use train\.parallel=ddp$"):
         shard_model(model, DistContext(0, 2, torch.device("cpu"), owns_group=False), "fsdp")
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    from lmforge.train.distributed import init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"^train\.device: torchrun started process 1 on this node, which has 1 "
+                                          r"CUDA device\(s\); use --nproc-per-node 1 or --train.device cpu$"):
+        init_distributed("cuda")

@@ -77,8 +77,10 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def config_dict(dataset: Path, out_dir: Path, **train) -> dict:
-    train = {"batch_size": 4, "max_steps": 6, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "eval_interval": 3,
-             "eval_batches": 2, "checkpoint_interval": 3, "keep_checkpoints": 0, "log_interval": 1, **train}
+    # device cpu: these runs compare losses bit for bit or to 1e-6, which holds for fp32 CPU kernels; on a GPU,
+    # auto would mean bf16 autocast and TF32 (tests/test_gpu.py covers that path)
+    train = {"device": "cpu", "batch_size": 4, "max_steps": 6, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2,
+             "eval_interval": 3, "eval_batches": 2, "checkpoint_interval": 3, "keep_checkpoints": 0, "log_interval": 1, **train}
     return {"model": TINY_MODEL, "data": {"dataset": str(dataset)}, "train": train, "out_dir": str(out_dir)}
 
 

@@ -46,7 +46,11 @@ def init_distributed(device_name: str) -> DistContext:
         return DistContext(0, 1, device, owns_group=False)
     owns_group = not dist.is_initialized()
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise ConfigError(f"train.device: torchrun started process {local_rank} on this node, which has {gpus} "
+                              f"CUDA device(s); use --nproc-per-node {gpus} or --train.device cpu")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if owns_group:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
@@ -73,9 +77,14 @@ def shard_model(model: nn.Module, ctx: DistContext, parallel: str) -> None:
         for name, param in module.named_parameters(recurse=False):
             if not param.is_contiguous():
                 setattr(module, name, nn.Parameter(param.detach().contiguous(), requires_grad=param.requires_grad))
+    # the mesh on the training device: left to itself, FSDP2 takes CUDA whenever the machine has it, even for a
+    # run on the CPU
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def wrap_ddp(model: nn.Module, ctx: DistContext, parallel: str) -> nn.Module:
