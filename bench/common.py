@@ -41,17 +41,22 @@ def setup_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def build_pair(cfg: ModelConfig = BENCH_MODEL, seed: int = 0) -> tuple[Transformer, Any]:
-    """An lmforge Transformer and a transformers LlamaForCausalLM with the same weights (fp32, CPU, SDPA)."""
+def build_pair(cfg: ModelConfig = BENCH_MODEL, seed: int = 0, family: str = "llama") -> tuple[Transformer, Any]:
+    """An lmforge Transformer and the transformers model of `family` (llama: LlamaForCausalLM, gpt2:
+    GPT2LMHeadModel) with the same weights (fp32, CPU, SDPA attention)."""
     import transformers
 
     torch.manual_seed(seed)
     ours = Transformer(cfg)
-    hf_config = config_to_hf(cfg, "llama")
-    hf = transformers.LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa")
+    hf_config = config_to_hf(cfg, family)
+    hf_class = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel}[family]
+    hf = hf_class._from_config(hf_config, attn_implementation="sdpa")
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours), strict=False)
-    if [k for k in missing if "rotary" not in k] or unexpected:
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    if [k for k in missing if "rotary" not in k and k not in tied] or unexpected:
         raise RuntimeError(f"weights did not map onto the HF model: missing {missing}, unexpected {unexpected}")
+    if cfg.tie_embeddings:
+        hf.tie_weights()
     return ours, hf
 
 
