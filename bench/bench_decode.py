@@ -1,17 +1,20 @@
 """Decoding speed and prefill latency: lmforge `generate` against transformers `generate`, same weights, one process.
 
-    python bench/bench_decode.py [--repeats 5] [--threads 2] [--json results.jsonl]
+    python bench/bench_decode.py [--repeats 5] [--threads 2] [--compile] [--json results.jsonl]
 
 Decoding: greedy, 32-token prompts, exactly 128 new tokens (no eos), at batch 1 and batch 8; new tokens/s counts
 every row's tokens (batch x 128 / seconds), prefill included, as a user of `generate` sees it. transformers runs
 `generate(do_sample=False)` with its default dynamic KV cache. Prefill: time to the first new token of a 512-token
 prompt (generate with max_new_tokens=1). Before timing, both produce the same token ids (printed and recorded).
+With --compile, lmforge's `generate(compile=True)` runs too (lmforge.infer.compiled: the decode step compiled
+ahead of time); its one-off compile time is measured and reported apart from the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,8 +32,9 @@ def hf_generate(hf, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return out[:, prompts.shape[1]:]
 
 
-def ours_generate(model, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    completions = generate(model, prompts, GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, eos=False))
+def ours_generate(model, prompts: torch.Tensor, new_tokens: int, compile: bool = False) -> torch.Tensor:
+    cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, eos=False, compile=compile)
+    completions = generate(model, prompts, cfg)
     return torch.tensor([c.token_ids for c in completions])
 
 
@@ -40,6 +44,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-len", type=int, default=512)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time generate(compile=True): the decode step compiled ahead of time")
     args = parser.parse_args()
     setup_threads(args.threads)
     ours, hf = build_pair()
@@ -51,16 +57,29 @@ def main() -> None:
           f"tokens, greedy, {args.threads} threads")
     for batch_size in (1, 8):
         prompts = torch.randint(0, BENCH_MODEL.vocab_size, (batch_size, args.prompt_len), generator=generator)
-        same = torch.equal(ours_generate(ours, prompts, args.new_tokens), hf_generate(hf, prompts, args.new_tokens))
-        timings = alternate({"lmforge": lambda: ours_generate(ours, prompts, args.new_tokens),
-                             "transformers": lambda: hf_generate(hf, prompts, args.new_tokens)}, args.repeats)
+        reference = hf_generate(hf, prompts, args.new_tokens)
+        same = torch.equal(ours_generate(ours, prompts, args.new_tokens), reference)
+        contenders = {"lmforge": lambda: ours_generate(ours, prompts, args.new_tokens),
+                      "transformers": lambda: hf_generate(hf, prompts, args.new_tokens)}
+        if args.compile:  # the first call compiles (timed here, not in the figures); later calls reuse it
+            start = time.perf_counter()
+            same_compiled = torch.equal(ours_generate(ours, prompts, args.new_tokens, compile=True), reference)
+            compile_s = time.perf_counter() - start
+            contenders["lmforge (compiled)"] = lambda: ours_generate(ours, prompts, args.new_tokens, compile=True)
+        timings = alternate(contenders, args.repeats)
         tokens = batch_size * args.new_tokens
-        ours_tps, hf_tps = tokens / timings.median("lmforge"), tokens / timings.median("transformers")
-        ratio = timings.speedup("lmforge", "transformers")
-        print(f"  batch {batch_size}: lmforge {ours_tps:8.1f} tok/s   transformers {hf_tps:8.1f} tok/s   "
-              f"ratio {ratio:.2f}x   identical ids: {same}")
-        results["rows"].append({"name": f"decode batch {batch_size}", "lmforge_tok_s": ours_tps,
-                                "transformers_tok_s": hf_tps, "ratio": ratio, "identical": same})
+        hf_tps = tokens / timings.median("transformers")
+        for name in [n for n in contenders if n != "transformers"]:
+            ours_tps, ratio = tokens / timings.median(name), timings.speedup(name, "transformers")
+            identical = same_compiled if "compiled" in name else same
+            print(f"  batch {batch_size}: {name:18s} {ours_tps:8.1f} tok/s   transformers {hf_tps:8.1f} tok/s   "
+                  f"ratio {ratio:.2f}x   identical ids: {identical}"
+                  + (f"   (compiled once in {compile_s:.0f} s)" if "compiled" in name else ""))
+            row = {"name": f"decode batch {batch_size}" + (" (compiled)" if "compiled" in name else ""),
+                   "lmforge_tok_s": ours_tps, "transformers_tok_s": hf_tps, "ratio": ratio, "identical": identical}
+            if "compiled" in name:
+                row["compile_s"] = compile_s
+            results["rows"].append(row)
 
     prompt = torch.randint(0, BENCH_MODEL.vocab_size, (1, args.prefill_len), generator=generator)
     same = torch.equal(ours_generate(ours, prompt, 1), hf_generate(hf, prompt, 1))

@@ -43,7 +43,9 @@ def table(results: list[dict]) -> str:
                 else:
                     lines.append(f"| {row['name']}, greedy, 128 new tokens | {row['lmforge_tok_s']:.1f} tok/s | "
                                  f"{row['transformers_tok_s']:.1f} tok/s | {row['ratio']:.2f}x | same ids: "
-                                 f"{row['identical']} |")
+                                 f"{row['identical']}"
+                                 + (f"; compiled once, {row['compile_s']:.0f} s" if "compile_s" in row else "")
+                                 + " |")
         elif kind == "data":
             lines.append(f"| data prep, encoding ({result['corpus']}, {result['text_mb']:.1f} MB) | "
                          f"{result['lmforge_encode_mb_s']:.2f} MB/s | {result['plain_tokenizers_mb_s']:.2f} MB/s | "
@@ -70,7 +72,7 @@ def main() -> None:
     out.unlink(missing_ok=True)
     for script in SCRIPTS:
         print(f"== {script}", flush=True)
-        extra = ["--compile"] if script == "bench_train.py" else []
+        extra = ["--compile"] if script in ("bench_train.py", "bench_decode.py") else []
         subprocess.run([sys.executable, str(HERE / script), "--repeats", str(args.repeats), "--json", str(out), *extra],
                        check=True)
     results = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]

@@ -31,3 +31,19 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, text in enumerate(fixture_texts(120, seed=7)):
         (root / f"doc_{i:03d}.txt").write_text(text + "\n", encoding="utf-8")
     return root
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random lmforge model dir (LLaMA style, block 32) with a BPE tokenizer trained on a few sentences."""
+    import torch
+
+    from lmforge.model import ModelConfig, Transformer
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["the cat sat on the mat", "a dog is a friend", "héllo wörld"] * 20, vocab_size=300)
+    directory = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    Transformer(ModelConfig.preset("tiny-llama", vocab_size=tok.vocab_size, block_size=32, d_model=32)).save(directory)
+    tok.save(directory)
+    return directory

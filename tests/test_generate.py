@@ -195,18 +195,6 @@ def test_greedy_matches_transformers_generate(family):
     assert [c.token_ids for c in ours] == [_hf_greedy(hf_model, p, 12) for p in prompts]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from lmforge.tokenizer import Tokenizer
-
-    tok = Tokenizer.train(["the cat sat on the mat", "a dog is a friend", "héllo wörld"] * 20, vocab_size=300)
-    directory = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    Transformer(ModelConfig.preset("tiny-llama", vocab_size=tok.vocab_size, block_size=32, d_model=32)).save(directory)
-    tok.save(directory)
-    return directory
-
-
 def test_run_generate_prints_batched_and_streamed_completions(model_dir, capsys):
     from lmforge.infer.generate import GenerateConfig, run_generate
 

@@ -1,0 +1,87 @@
+"""Decoding through the step compiled ahead of time (lmforge.infer.compiled): the same tokens and logits as eager
+decoding, reuse while the weights are unchanged, a fresh compile after they change, the CLI option."""
+
+import pytest
+import torch
+from test_generate import GREEDY, tiny
+
+from lmforge.errors import ConfigError
+from lmforge.infer import compiled
+from lmforge.infer.generate import GenerationConfig, generate
+
+slow = pytest.mark.slow  # each compile takes 15-20 s on 2 cores
+
+PROMPTS = [[5, 17, 99, 3, 250], [42, 7], [9]]  # left-padded to 5 columns
+
+
+def token_ids(model, prompts, **cfg) -> list[list[int]]:
+    return [c.token_ids for c in generate(model, prompts, GenerationConfig(max_new_tokens=20, **cfg))]
+
+
+@slow
+@pytest.mark.parametrize("style", ["llama", "gpt2"])  # rope + GQA + RMSNorm + SwiGLU; learned + LayerNorm + biases
+def test_compiled_decoding_equals_eager(style):
+    model = tiny(style)
+    assert token_ids(model, PROMPTS, compile=True, **GREEDY) == token_ids(model, PROMPTS, **GREEDY)
+    penalised = dict(GREEDY, repetition_penalty=1.3)
+    assert token_ids(model, PROMPTS, compile=True, **penalised) == token_ids(model, PROMPTS, **penalised)
+    assert len(compiled._compiled[model]) == 1  # the same batch size and cache length: compiled once
+
+
+@slow
+def test_compiled_step_logits_equal_the_model_on_a_padded_batch():
+    model = tiny("llama")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 11], [0, 0, 1, 2, 3, 12]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]).bool()
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 2, 3]])
+    with torch.no_grad():
+        expected = model(ids, position_ids=positions, attention_mask=mask)[:, -1]  # (2, V)
+        cache = model.new_kv_cache(2, 64)
+        model.hidden_states(ids[:, :5], position_ids=positions[:, :5], attention_mask=mask[:, :5], kv_cache=cache)
+        step = compiled.compiled_decode_step(model, 2, 64)
+        logits = step(ids[:, 5], torch.tensor([5]), torch.tensor([0, 2]), list(cache.k.unbind(0)),
+                      list(cache.v.unbind(0)))
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+@slow
+def test_changed_weights_are_compiled_again():
+    model = tiny("llama", seed=1)
+    before = token_ids(model, PROMPTS[:1], compile=True, **GREEDY)
+    with torch.no_grad():  # what an optimizer step does: parameters change in place
+        for param in model.parameters():
+            param.mul_(-1.5)
+    after = token_ids(model, PROMPTS[:1], compile=True, **GREEDY)
+    assert after == token_ids(model, PROMPTS[:1], **GREEDY) and after != before
+    assert len(compiled._compiled[model]) == 2
+
+
+def test_cache_length_is_bucketed_and_capped():
+    assert compiled.cache_length(32, 128, 1024) == 256
+    assert compiled.cache_length(5, 20, 64) == 64
+    assert compiled.cache_length(100, 28, 1024) == 128
+
+
+def test_compile_without_aot_inductor_is_a_clear_error(monkeypatch):
+    monkeypatch.delattr(torch._inductor, "aoti_compile_and_package")
+    with pytest.raises(ConfigError, match=r"^generation compile=true needs torch >= 2\.6"):
+        token_ids(tiny("llama"), PROMPTS, compile=True, **GREEDY)
+
+
+@slow
+def test_cli_generate_compiled(model_dir, capsys):
+    from lmforge.cli import main
+
+    args = ["generate", "--model", str(model_dir), "--prompt", "the cat", "--prompt", "a dog is",
+            "--max_new_tokens", "8", "--temperature", "0"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    assert main(args + ["--compile", "true"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == eager and "decode step compiled" in captured.err
+
+
+def test_compile_is_for_the_cpu():
+    model = tiny("llama").to("meta")  # any device but the CPU
+    with pytest.raises(ConfigError, match=r"^generation compile=true: the compiled decode step is built for the CPU"):
+        compiled.compiled_decode_step(model, 1, 64)
