@@ -152,6 +152,7 @@ def compiled_decode_step(model: nn.Module, batch_size: int, cache_len: int) -> C
             path = inductor.aoti_compile_and_package(program, package_path=f"{tmp}/decode_step.pt2",
                                                      inductor_configs={"freezing": True})
             compiled = inductor.aoti_load_package(path)
+
     # the compiled code assumes the example's (contiguous) strides without checking them: a column of a (B, T)
     # id matrix would be read as a row
     def step(token: Tensor, column: Tensor, padding: Tensor, k_cache: list[Tensor], v_cache: list[Tensor]) -> Tensor:

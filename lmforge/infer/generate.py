@@ -42,8 +42,8 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)  # end a row when its text contains one (cut from the text)
     seed: Optional[int] = None  # seeds a private generator: the same seed gives the same samples
     use_cache: bool = True  # False recomputes the whole sequence every step (slow; a reference for tests)
-    # decode through a step compiled ahead of time (lmforge.infer.compiled): 2-3x faster per token on a CPU after
-    # 30-100 s of compiling per model, batch size and cache length (reused within the process)
+    # decode through a step compiled ahead of time (lmforge.infer.compiled; CPU): 1.6-2.1x the tokens/s of eager
+    # decoding after 30-100 s of compiling per model, batch size and cache length (reused within the process)
     compile: bool = False
     eos: bool = True  # end a row at the eos token (the tokenizer's, or generate's eos_id)
 

@@ -9,7 +9,7 @@ from lmforge.objectives.cross_entropy import IGNORE_INDEX  # targets equal to th
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
-                   sync: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+                   sync: bool = True) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
     """Mean next-token cross-entropy, computed in fp32.
 
         loss = -1/N * sum_{b,t : y[b,t] != -100} log softmax(z[b,t])[y[b,t]]
