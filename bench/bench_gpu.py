@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_MODEL, build_pair, conditions  # noqa: E402
+from common import BENCH_MODEL, build_pair, conditions, hf_causal_lm_loss, optimizer_step  # noqa: E402
 
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.objectives.causal_lm import causal_lm_loss  # noqa: E402
@@ -117,19 +116,12 @@ def training_steps(cfg: ModelConfig, family: str, batch: dict[str, torch.Tensor]
         def step_ours(model=ours_fwd, opt=ours_opt) -> torch.Tensor:
             with torch.autocast(device.type, dtype=half):
                 loss, _ = causal_lm_loss(model, batch, sync=False)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
+            return optimizer_step(loss, opt)
 
         def step_hf(model=hf_fwd, opt=hf_opt) -> torch.Tensor:
-            with torch.autocast(device.type, dtype=half):
-                logits = model(input_ids=batch["input_ids"]).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
+            with torch.autocast(device.type, dtype=half):  # autocast runs the cross-entropy in fp32
+                loss = hf_causal_lm_loss(model, batch)
+            return optimizer_step(loss, opt)
 
         steps["lmforge" + suffix] = step_ours
         steps["transformers" + suffix] = step_hf

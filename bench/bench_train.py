@@ -21,11 +21,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BENCH_MODEL, add_common_args, alternate, build_pair, emit, matmul_peak, peak_rss_mib,  # noqa: E402
-                    rss_mib, setup_threads)
+from common import (BENCH_MODEL, add_common_args, alternate, build_pair, emit, hf_causal_lm_loss,  # noqa: E402
+                    matmul_peak, optimizer_step, peak_rss_mib, rss_mib, setup_threads)
 
 from lmforge.objectives.causal_lm import causal_lm_loss  # noqa: E402
 from lmforge.train.config import TrainConfig  # noqa: E402
@@ -48,19 +47,10 @@ def make_steps(batch: dict[str, torch.Tensor], checkpointing: bool = False, comp
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, foreach=True)
 
     def step_ours() -> torch.Tensor:
-        loss, _ = causal_lm_loss(ours_forward, batch)
-        loss.backward()
-        ours_opt.step()
-        ours_opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return optimizer_step(causal_lm_loss(ours_forward, batch)[0], ours_opt)
 
     def step_hf() -> torch.Tensor:
-        logits = hf(input_ids=batch["input_ids"]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
-        loss.backward()
-        hf_opt.step()
-        hf_opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return optimizer_step(hf_causal_lm_loss(hf, batch), hf_opt)
 
     name = "lmforge (compiled)" if compile_ours else "lmforge"
     return {name: step_ours, "transformers": step_hf}, ours

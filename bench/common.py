@@ -60,6 +60,20 @@ def build_pair(cfg: ModelConfig = BENCH_MODEL, seed: int = 0, family: str = "lla
     return ours, hf
 
 
+def hf_causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What a transformers user computes: the model's logits, then fp32 cross-entropy against the targets."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """backward, step, zero_grad; returns the detached loss."""
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def max_logit_diff(ours: Transformer, hf: Any, input_ids: torch.Tensor) -> float:
     """Largest |logit difference| on `input_ids`: the two models must be the same function before we time them."""
     with torch.no_grad():
