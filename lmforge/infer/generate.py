@@ -42,9 +42,9 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)  # end a row when its text contains one (cut from the text)
     seed: Optional[int] = None  # seeds a private generator: the same seed gives the same samples
     use_cache: bool = True  # False recomputes the whole sequence every step (slow; a reference for tests)
-    # decode through a step compiled ahead of time (lmforge.infer.compiled; CPU): 1.6-2.1x the tokens/s of eager
-    # decoding after 30-100 s of compiling per model, batch size and cache length (reused within the process)
-    compile: bool = False
+    # compile: 1.6-2.1x the tokens/s of eager decoding, after 30-100 s of compiling per model, batch size and cache
+    # length (reused within the process)
+    compile: bool = False  # CPU: decode through a step compiled ahead of time (lmforge.infer.compiled)
     eos: bool = True  # end a row at the eos token (the tokenizer's, or generate's eos_id)
 
     def __post_init__(self) -> None:
