@@ -45,6 +45,7 @@ def table(results: list[dict]) -> str:
                                  f"{row['transformers_tok_s']:.1f} tok/s | {row['ratio']:.2f}x | same ids: "
                                  f"{row['identical']}"
                                  + (f"; compiled once, {row['compile_s']:.0f} s" if "compile_s" in row else "")
+                                 + (f" (loads in {row['load_s']:.1f} s)" if "load_s" in row else "")
                                  + " |")
         elif kind == "data":
             lines.append(f"| data prep, encoding ({result['corpus']}, {result['text_mb']:.1f} MB) | "

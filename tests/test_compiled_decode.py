@@ -14,6 +14,14 @@ slow = pytest.mark.slow  # each compile takes 15-20 s on 2 cores
 PROMPTS = [[5, 17, 99, 3, 250], [42, 7], [9]]  # left-padded to 5 columns
 
 
+@pytest.fixture(autouse=True)
+def decode_cache(tmp_path, monkeypatch):
+    """Compiled steps go to a fresh cache dir, and the in-process ones are forgotten: every test compiles."""
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    compiled._compiled.clear()
+    return tmp_path / "cache" / "decode"
+
+
 def token_ids(model, prompts, **cfg) -> list[list[int]]:
     return [c.token_ids for c in generate(model, prompts, GenerationConfig(max_new_tokens=20, **cfg))]
 
@@ -26,6 +34,22 @@ def test_compiled_decoding_equals_eager(style):
     penalised = dict(GREEDY, repetition_penalty=1.3)
     assert token_ids(model, PROMPTS, compile=True, **penalised) == token_ids(model, PROMPTS, **penalised)
     assert len(compiled._compiled[model]) == 1  # the same batch size and cache length: compiled once
+
+
+@slow
+def test_a_new_process_loads_the_compiled_step_from_disk(decode_cache, capsys):
+    model = tiny("llama", seed=2)
+    expected = token_ids(model, PROMPTS, **GREEDY)
+    assert token_ids(model, PROMPTS, compile=True, **GREEDY) == expected
+    assert "decode step compiled" in capsys.readouterr().err and len(list(decode_cache.glob("*.pt2"))) == 1
+    compiled._compiled.clear()  # what a new process starts with
+    assert token_ids(model, PROMPTS, compile=True, **GREEDY) == expected
+    assert "decode step loaded from" in capsys.readouterr().err
+    package = next(decode_cache.glob("*.pt2"))
+    package.write_bytes(b"not a package")  # a damaged file is compiled again and replaced
+    compiled._compiled.clear()
+    assert token_ids(model, PROMPTS, compile=True, **GREEDY) == expected
+    assert "ignoring the compiled decode step" in capsys.readouterr().err and package.stat().st_size > 1000
 
 
 @slow

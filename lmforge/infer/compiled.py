@@ -15,23 +15,30 @@ per token for a 33.6M model on 2 CPU cores), and at batch 8 MKL's few-row produc
 
 The result computes the same function as `Transformer.forward` with a KV cache, up to float rounding (Inductor
 orders sums differently). A compiled step is specific to the weights, batch size, cache length, device and dtype:
-compiling takes 30-100 s, and the steps of a model are kept (up to 4 per model, in this process) while its weights
-are unchanged; any in-place change to a parameter (an optimizer step) makes the next call compile afresh.
+compiling takes 30-100 s. Compiled steps are kept in this process (up to 4 per model) while the weights are
+unchanged, and on disk as AOTInductor packages ($LMFORGE_CACHE/decode/, else ~/.cache/lmforge/decode/, named by a
+digest of the weights, config, shapes, torch version and CPU capability), so a later process with the same model
+loads its step in about a second. Any in-place change to a parameter (an optimizer step) changes the digest.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
 import tempfile
 import time
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.data.corpora import default_cache_dir
 from lmforge.errors import ConfigError
 from lmforge.model.transformer import apply_rope
 
@@ -137,29 +144,69 @@ def compiled_decode_step(model: nn.Module, batch_size: int, cache_len: int) -> C
     if key in steps:
         steps.move_to_end(key)
         return steps[key]
-    cfg = model.config
-    shape = (batch_size, cfg.n_kv_head, cache_len, cfg.head_dim)
-    index = dict(dtype=torch.long, device=weight.device)
-    example = (torch.zeros(batch_size, **index), torch.zeros(1, **index), torch.zeros(batch_size, **index),
-               [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(cfg.n_layer)],
-               [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(cfg.n_layer)])
-    print(f"generate: compiling the decode step for batch {batch_size}, cache {cache_len} (once per model and "
-          f"shape; 30-100 s)", file=sys.stderr, flush=True)
+    package = _package_path(model, batch_size, cache_len)
     started = time.perf_counter()
-    with torch.no_grad():
-        program = torch.export.export(DecodeStep(model), example)
-        with tempfile.TemporaryDirectory(prefix="lmforge-decode-") as tmp:
-            path = inductor.aoti_compile_and_package(program, package_path=f"{tmp}/decode_step.pt2",
-                                                     inductor_configs={"freezing": True})
-            compiled = inductor.aoti_load_package(path)
+    compiled = _load_package(inductor, package)
+    if compiled is None:
+        print(f"generate: compiling the decode step for batch {batch_size}, cache {cache_len} (once per model and "
+              f"shape; 30-100 s)", file=sys.stderr, flush=True)
+        _compile_package(model, batch_size, cache_len, package)
+        compiled = inductor.aoti_load_package(str(package))
+        print(f"generate: decode step compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr,
+              flush=True)
+    else:
+        print(f"generate: decode step loaded from {package}", file=sys.stderr, flush=True)
 
     # the compiled code assumes the example's (contiguous) strides without checking them: a column of a (B, T)
     # id matrix would be read as a row
     def step(token: Tensor, column: Tensor, padding: Tensor, k_cache: list[Tensor], v_cache: list[Tensor]) -> Tensor:
         return compiled(token.contiguous(), column.contiguous(), padding.contiguous(), k_cache, v_cache)
 
-    print(f"generate: decode step compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     steps[key] = step
     while len(steps) > KEEP_PER_MODEL:
         steps.popitem(last=False)
     return step
+
+
+def _package_path(model: nn.Module, batch_size: int, cache_len: int) -> Path:
+    """$LMFORGE_CACHE/decode/<digest>.pt2, the digest covering everything the compiled code depends on: the weights'
+    bytes, the config, the shapes, torch's version and the CPU's vector instructions it was built for."""
+    digest = hashlib.blake2b(digest_size=20)
+    facts = [torch.__version__, torch.backends.cpu.get_cpu_capability(), json.dumps(model.config.to_dict()),
+             batch_size, cache_len]
+    digest.update(json.dumps(facts, default=str).encode())
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return default_cache_dir() / "decode" / f"{digest.hexdigest()}.pt2"
+
+
+def _load_package(inductor: Any, package: Path) -> Optional[Callable]:
+    """The compiled step saved at `package`, or None when there is none (or it cannot be loaded)."""
+    if not package.is_file():
+        return None
+    try:
+        return inductor.aoti_load_package(str(package))
+    except Exception as error:  # a truncated or foreign file: compile again and replace it
+        print(f"generate: ignoring the compiled decode step at {package} ({type(error).__name__}); compiling again",
+              file=sys.stderr, flush=True)
+        return None
+
+
+def _compile_package(model: nn.Module, batch_size: int, cache_len: int, package: Path) -> None:
+    """Export DecodeStep(model) for these shapes, compile it with AOTInductor (frozen weights) and save the package
+    at `package`, atomically (written beside it, then renamed)."""
+    cfg, weight = model.config, model.tok_emb.weight
+    shape = (batch_size, cfg.n_kv_head, cache_len, cfg.head_dim)
+    index = dict(dtype=torch.long, device=weight.device)
+    example = (torch.zeros(batch_size, **index), torch.zeros(1, **index), torch.zeros(batch_size, **index),
+               [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(cfg.n_layer)],
+               [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(cfg.n_layer)])
+    package.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        program = torch.export.export(DecodeStep(model), example)
+        with tempfile.TemporaryDirectory(prefix=".decode-", dir=package.parent) as tmp:
+            partial = Path(tmp) / package.name
+            torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
+                                                     inductor_configs={"freezing": True})
+            os.replace(partial, package)
