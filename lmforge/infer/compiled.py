@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.data.corpora import default_cache_dir
 from lmforge.errors import ConfigError
+from lmforge.model import transformer
 from lmforge.model.transformer import apply_rope
 
 CACHE_BUCKET = 128  # cache lengths are rounded up to a multiple of this: fewer distinct compiled shapes
@@ -87,16 +87,16 @@ class DecodeStep(nn.Module):
             caches = (k_cache[layer], v_cache[layer])
             if self.pre_norm:
                 x = x + self._attention(block.attn, block.attn_norm(x), rope, column, visible, *caches)
-                x = x + self._mlp(block.mlp, block.mlp_norm(x))
+                x = x + block.mlp(block.mlp_norm(x))
             else:
                 x = block.attn_norm(x + self._attention(block.attn, x, rope, column, visible, *caches))
-                x = block.mlp_norm(x + self._mlp(block.mlp, x))
-        return F.linear(m.norm(x), m.lm_head.weight)  # (B, V)
+                x = block.mlp_norm(x + block.mlp(x))
+        return m.lm_head(m.norm(x))  # (B, V)
 
     def _attention(self, attn: nn.Module, x: Tensor, rope: Any, column: Tensor, visible: Tensor, k_cache: Tensor,
                    v_cache: Tensor) -> Tensor:
         B, group = x.shape[0], self.n_head // self.n_kv_head
-        heads = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(B, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        heads = attn.qkv(x).view(B, self.n_head + 2 * self.n_kv_head, self.head_dim)
         qk, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
         if rope is not None:
             qk = apply_rope(qk, *rope)  # cos, sin (B, 1, hd) broadcast over the heads
@@ -108,16 +108,7 @@ class DecodeStep(nn.Module):
         scores = scores.float().masked_fill(~visible, float("-inf"))
         weights = torch.softmax(scores, dim=-1).to(v_cache.dtype)
         y = (weights @ v_cache).reshape(B, self.n_head * self.head_dim)
-        return F.linear(y, attn.proj.weight, attn.proj.bias)
-
-    def _mlp(self, mlp: nn.Module, x: Tensor) -> Tensor:
-        h = F.linear(x, mlp.up.weight, mlp.up.bias)
-        if mlp.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = mlp.act(gate) * up
-        else:
-            h = mlp.act(h)
-        return F.linear(h, mlp.down.weight, mlp.down.bias)
+        return attn.proj(y)
 
 
 def _weights_version(model: nn.Module) -> tuple:
@@ -170,11 +161,14 @@ def compiled_decode_step(model: nn.Module, batch_size: int, cache_len: int) -> C
 
 def _package_path(model: nn.Module, batch_size: int, cache_len: int) -> Path:
     """$LMFORGE_CACHE/decode/<digest>.pt2, the digest covering everything the compiled code depends on: the weights'
-    bytes, the config, the shapes, torch's version and the CPU's vector instructions it was built for."""
+    bytes, the config, the shapes, the source of the traced code (this module and the model's), torch's version
+    and the CPU's vector instructions it was built for."""
     digest = hashlib.blake2b(digest_size=20)
     facts = [torch.__version__, torch.backends.cpu.get_cpu_capability(), json.dumps(model.config.to_dict()),
              batch_size, cache_len]
     digest.update(json.dumps(facts, default=str).encode())
+    for module in (sys.modules[__name__], transformer):
+        digest.update(Path(module.__file__).read_bytes())
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)

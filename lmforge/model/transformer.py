@@ -68,7 +68,8 @@ class Linear(nn.Linear):
       contiguous) and load_state_dict copies into the layout;
     - without autograd, an input of 2..32 rows times a wide weight (decoding a batch: the LM head, the gated MLP's
       up projection) is multiplied in column blocks of BLOCK outputs: MKL packs the whole weight for every
-      few-row product, and blocks that fit the cache took 15-55% off an (8 x 512) @ (512 x 8192) product.
+      few-row product, and blocks that fit the cache took 15-55% off an (8 x 512) @ (512 x 8192) product. Not
+      when traced by torch.compile or torch.export: Inductor packs the whole weight itself (lmforge.infer.compiled).
     """
 
     BLOCK = 1024
@@ -80,7 +81,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // max(1, x.shape[-1])
-        if 1 < rows <= 32 and self.out_features >= 2 * self.BLOCK and not torch.is_grad_enabled():
+        if (1 < rows <= 32 and self.out_features >= 2 * self.BLOCK and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
             return torch.cat([F.linear(x, self.weight[j:j + self.BLOCK],
                                        None if self.bias is None else self.bias[j:j + self.BLOCK])
                               for j in range(0, self.out_features, self.BLOCK)], dim=-1)
