@@ -29,7 +29,8 @@ from typing import Any, Callable, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_MODEL, build_pair, conditions, hf_causal_lm_loss, optimizer_step  # noqa: E402
+from common import (BENCH_MODEL, build_pair, conditions, hf_causal_lm_loss, max_logit_diff,  # noqa: E402
+                    optimizer_step)
 
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.objectives.causal_lm import causal_lm_loss  # noqa: E402
@@ -86,9 +87,7 @@ def parity(family: str, device: torch.device) -> float:
     cfg = ModelConfig.preset("tiny-gpt2" if family == "gpt2" else "tiny-llama", vocab_size=1000)
     ours, hf = build_pair(cfg, family=family)
     ours, hf = ours.to(device).eval(), hf.to(device).eval()
-    ids = torch.randint(0, cfg.vocab_size, (2, 100), device=device)
-    with torch.no_grad():
-        diff = float((ours(ids) - hf(input_ids=ids).logits).abs().max())
+    diff = max_logit_diff(ours, hf, torch.randint(0, cfg.vocab_size, (2, 100), device=device))
     torch.backends.cuda.matmul.allow_tf32 = True
     return diff
 

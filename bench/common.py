@@ -150,7 +150,7 @@ def conditions() -> dict[str, Any]:
 
 
 def emit(result: dict[str, Any], json_path: Optional[str]) -> None:
-    """Print the result and append it as one JSON line to json_path (if given)."""
+    """Append the result, with the conditions, as one JSON line to json_path (if given)."""
     result = {**result, "conditions": conditions()}
     if json_path:
         with open(json_path, "a", encoding="utf-8") as f:
