@@ -27,7 +27,7 @@ from lmforge.data.shards import TokenShards
 from lmforge.train.data import WindowSampler, validation_batches
 from lmforge.train.metrics import MetricsLog
 from lmforge.train.mfu import mfu, peak_flops
-from lmforge.train.optim import lr_at, param_groups
+from lmforge.train.optim import build_optimizer, lr_at, param_groups
 from lmforge.train.pretrain import PretrainConfig, bits_per_byte, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +137,41 @@ def test_weight_decay_groups(tie):
     assert ("lm_head.weight" in decayed) is not tie  # a tied head is the embedding table
     assert {"tok_emb.weight", "pos_emb.weight"} <= {names[id(p)] for p in no_decay["params"]}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "other"])  # fused on the CPU, foreach on other devices
+def test_adamw_updates_exactly_like_torchs_and_feeds_its_kernel_contiguous_views(device_type, monkeypatch):
+    tc = TrainConfig(lr=1e-2, weight_decay=0.1)
+    models = [Transformer(ModelConfig(**TINY_MODEL)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    assert not models[0].blocks[0].mlp.up.weight.is_contiguous()  # the (in, out) layout of a widening weight
+    ours = build_optimizer(models[0], tc, device_type)
+    fused = device_type == "cpu"
+    reference = torch.optim.AdamW(param_groups(models[1], tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                  fused=fused, foreach=None if fused else True)
+    calls, stepping = [], [None]  # (optimizer, is_contiguous() of each tensor its fused kernel got)
+    real = torch._fused_adamw_
+
+    def spy(*args, **kwargs):
+        calls.append((stepping[0], [t.is_contiguous() for tensors in args[:4] for t in tensors]))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch, "_fused_adamw_", spy)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    for _ in range(3):
+        for model, optimizer in zip(models, (ours, reference)):
+            torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+            stepping[0] = optimizer
+            optimizer.step()
+            optimizer.zero_grad()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b) and a.stride() == b.stride(), name
+    state = ours.state[models[0].blocks[0].mlp.up.weight]
+    assert state["exp_avg"].stride() == models[0].blocks[0].mlp.up.weight.stride()
+    flags = {o: [f for caller, fs in calls if caller is o for f in fs] for o in (ours, reference)}
+    if fused:  # every tensor reached torch's kernel contiguous; torch's own AdamW passes the strided ones
+        assert flags[ours] and all(flags[ours]) and not all(flags[reference])
+    else:
+        assert not calls
 
 
 def test_mfu_and_peak_flops():

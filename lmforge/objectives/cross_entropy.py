@@ -49,8 +49,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # dW accumulated in W's own memory order (an input-major head stores W^T contiguously), so autograd need
         # not copy it into the parameter's layout
         input_major = weight.stride(0) == 1 and weight.stride(1) != 1
-        grad_w = torch.zeros(weight.shape[::-1] if input_major else weight.shape, dtype=torch.float32,
-                             device=weight.device)
+        grad_w: Optional[Tensor] = None
+        compiling = torch.compiler.is_compiling()  # Inductor turns an in-place addmm_ into addmm + a full copy
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, h.shape[0], chunk_rows):
@@ -67,10 +67,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad = probs.to(dtype)
                 grad_hidden[rows] = (grad @ w).to(hidden.dtype)
                 a, b = (h[rows].t(), grad) if input_major else (grad.t(), h[rows])  # dW^T (d, V) or dW (V, d)
-                if dtype == torch.float32:
-                    grad_w.addmm_(a, b)
-                else:  # accumulate the low-precision products in float32
-                    grad_w.add_(a @ b)
+                if grad_w is None:  # the first chunk's product starts the sum (float32 for low-precision ones)
+                    grad_w = (a @ b).float()
+                elif dtype != torch.float32:  # accumulate the low-precision products in float32
+                    grad_w = grad_w + a @ b if compiling else grad_w.add_(a @ b)
+                else:
+                    grad_w = torch.addmm(grad_w, a, b) if compiling else grad_w.addmm_(a, b)
+        if grad_w is None:  # no rows
+            grad_w = torch.zeros(weight.shape[::-1] if input_major else weight.shape, dtype=torch.float32,
+                                 device=weight.device)
         grad_w = (grad_w.t() if input_major else grad_w).to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_w)
         return loss * scale

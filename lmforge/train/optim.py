@@ -26,12 +26,36 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, handing its kernels a transposed matrix as the contiguous tensor it is underneath.
+
+    lmforge keeps widening weights in (in, out) memory order (`lmforge.model.transformer.Linear`): a (out, in)
+    parameter with strides (1, out), like its gradient and moments. AdamW is elementwise, so updating p.t(), g.t(),
+    m.t() and v.t() (contiguous views of the same memory) is the same update, and torch's fused CPU kernel runs
+    ~2.5x faster on them than on the strided tensors (measured on a (3072, 512) weight: 1.9 vs 5.0 ms). Only the
+    lists passed to the kernel change: the parameters, state and state_dict are torch's own.
+    """
+
+    def _init_group(self, group, *lists):
+        result = super()._init_group(group, *lists)
+        params = lists[0]  # params_with_grad, then the lists parallel to it (grads, moments, steps)
+        parallel = [items for items in lists if isinstance(items, list) and len(items) == len(params)]
+        for i, p in enumerate(params):
+            if p.dim() != 2 or p.is_contiguous() or not p.t().is_contiguous():
+                continue
+            same = [items for items in parallel if items[i].shape == p.shape]  # not the 0-d step counters
+            if all(items[i].stride() == p.stride() for items in same):
+                for items in same:
+                    items[i] = items[i].t()
+        return result
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
     """AdamW(lr, betas=(beta1, beta2)) over `param_groups`, with torch's fused kernel (one pass over each tensor's
     parameter, gradient and moments) on CUDA and CPU, and foreach elsewhere."""
     fused = device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=fused, foreach=None if fused else True)
+    return AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                 fused=fused, foreach=None if fused else True)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
