@@ -218,7 +218,8 @@ class _EncodeTask:
     def __call__(self, batch: list[tuple[int, str]]) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
         texts = [text for _, text in batch]
         sources = np.array([source_index for source_index, _ in batch], dtype=np.int64)
-        num_bytes = sum(len(text.encode("utf-8")) for text in texts)
+        joined = "".join(texts)  # one C-level pass instead of a Python loop: the GIL is the threads' bottleneck
+        num_bytes = len(joined) if joined.isascii() else len(joined.encode("utf-8", "surrogatepass"))
         if self.fast is not None:
             ids = self.fast.encode_documents(texts)
             lengths = np.diff(np.flatnonzero(ids == self.fast.eos_id) + 1, prepend=0)  # eos ends each document
