@@ -1,6 +1,8 @@
 """Decoding through the step compiled ahead of time (lmforge.infer.compiled): the same tokens and logits as eager
 decoding, reuse while the weights are unchanged, a fresh compile after they change, the CLI option."""
 
+import os
+
 import pytest
 import torch
 from test_generate import GREEDY, tiny
@@ -109,3 +111,33 @@ def test_compile_is_for_the_cpu():
     model = tiny("llama").to("meta")  # any device but the CPU
     with pytest.raises(ConfigError, match=r"^generation compile=true: the compiled decode step is built for the CPU"):
         compiled.compiled_decode_step(model, 1, 64)
+
+
+def test_disk_cache_is_pruned_least_recently_used_first(decode_cache, monkeypatch, capsys):
+    decode_cache.mkdir(parents=True)
+    packages = []
+    for age, name in enumerate(["new", "mid", "old", "oldest"]):  # 1 MiB each, `new` the most recently used
+        path = decode_cache / f"{name}.pt2"
+        path.write_bytes(b"\0" * 2**20)
+        stamp = 1_000_000 - 100 * age
+        os.utime(path, (stamp, stamp))
+        packages.append(path)
+    (decode_cache / "notes.txt").write_text("not a package")
+    just_compiled = decode_cache / "just.pt2"
+    just_compiled.write_bytes(b"\0" * 2**20)
+    os.utime(just_compiled, (1, 1))  # the package being kept stays whatever its age
+    monkeypatch.setenv("LMFORGE_DECODE_CACHE_MB", "3.5")
+    removed = compiled.prune_disk_cache(just_compiled)
+    assert sorted(p.name for p in removed) == ["old.pt2", "oldest.pt2"]
+    assert sorted(p.name for p in decode_cache.iterdir()) == ["just.pt2", "mid.pt2", "new.pt2", "notes.txt"]
+    assert "removed 2 least recently used" in capsys.readouterr().err
+    monkeypatch.setenv("LMFORGE_DECODE_CACHE_MB", "0")
+    assert [p.name for p in compiled.prune_disk_cache(just_compiled)] == ["new.pt2", "mid.pt2"]
+    assert just_compiled.exists()
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "inf"])
+def test_bad_disk_cache_budget_is_a_clear_error_before_compiling(monkeypatch, value):
+    monkeypatch.setenv("LMFORGE_DECODE_CACHE_MB", value)
+    with pytest.raises(ConfigError, match="LMFORGE_DECODE_CACHE_MB"):
+        generate(tiny("llama"), PROMPTS, GenerationConfig(max_new_tokens=2, compile=True))

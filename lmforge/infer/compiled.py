@@ -18,7 +18,9 @@ orders sums differently). A compiled step is specific to the weights, batch size
 compiling takes 30-100 s. Compiled steps are kept in this process (up to 4 per model) while the weights are
 unchanged, and on disk as AOTInductor packages ($LMFORGE_CACHE/decode/, else ~/.cache/lmforge/decode/, named by a
 digest of the weights, config, shapes, torch version and CPU capability), so a later process with the same model
-loads its step in about a second. Any in-place change to a parameter (an optimizer step) changes the digest.
+loads its step in about a second. Any in-place change to a parameter (an optimizer step) changes the digest. Each
+package holds a copy of the weights, so the directory is kept within $LMFORGE_DECODE_CACHE_MB (default 2048 MB):
+after each compile the least recently used packages go.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from lmforge.model.transformer import apply_rope
 
 CACHE_BUCKET = 128  # cache lengths are rounded up to a multiple of this: fewer distinct compiled shapes
 KEEP_PER_MODEL = 4  # compiled steps kept per model (each holds a copy of the weights)
+DISK_BUDGET_MB = 2048  # $LMFORGE_DECODE_CACHE_MB overrides: the on-disk packages kept, most recently used first
 
 _compiled: "weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, Callable]]" = weakref.WeakKeyDictionary()
 
@@ -130,6 +133,7 @@ def compiled_decode_step(model: nn.Module, batch_size: int, cache_len: int) -> C
     if weight.device.type != "cpu":  # on a GPU eager decoding already beats transformers 2.3x (bench/README.md)
         raise ConfigError(f"generation compile=true: the compiled decode step is built for the CPU; the model is on "
                           f"{weight.device}: leave compile off there")
+    disk_budget_bytes()  # a bad $LMFORGE_DECODE_CACHE_MB fails now, not after a compile
     key = (batch_size, cache_len, str(weight.device), weight.dtype, _weights_version(model))
     steps = _compiled.setdefault(model, OrderedDict())
     if key in steps:
@@ -143,6 +147,7 @@ def compiled_decode_step(model: nn.Module, batch_size: int, cache_len: int) -> C
               f"shape; 30-100 s)", file=sys.stderr, flush=True)
         _compile_package(model, batch_size, cache_len, package)
         compiled = inductor.aoti_load_package(str(package))
+        prune_disk_cache(package)
         print(f"generate: decode step compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr,
               flush=True)
     else:
@@ -180,11 +185,47 @@ def _load_package(inductor: Any, package: Path) -> Optional[Callable]:
     if not package.is_file():
         return None
     try:
-        return inductor.aoti_load_package(str(package))
+        loaded = inductor.aoti_load_package(str(package))
+        os.utime(package)  # used now: the last package pruning removes
+        return loaded
     except Exception as error:  # a truncated or foreign file: compile again and replace it
         print(f"generate: ignoring the compiled decode step at {package} ({type(error).__name__}); compiling again",
               file=sys.stderr, flush=True)
         return None
+
+
+def disk_budget_bytes() -> int:
+    """The on-disk cache's size budget: $LMFORGE_DECODE_CACHE_MB (MB, a number >= 0), else DISK_BUDGET_MB."""
+    value = os.environ.get("LMFORGE_DECODE_CACHE_MB", "")
+    try:
+        megabytes = float(value) if value.strip() else DISK_BUDGET_MB
+    except ValueError:
+        megabytes = -1.0
+    if not 0 <= megabytes < float("inf"):
+        raise ConfigError(f"LMFORGE_DECODE_CACHE_MB={value!r}: expected a size in MB (a number >= 0)")
+    return int(megabytes * 2**20)
+
+
+def prune_disk_cache(keep: Path) -> list[Path]:
+    """Remove the least recently used packages beside `keep` (a package file) until the rest fit the budget of
+    `disk_budget_bytes`; `keep` itself always stays. Each package holds a copy of its model's weights (137 MB for
+    the 33.6M-parameter bench model), so an unbounded cache would fill the disk. Returns the removed paths."""
+    budget, used, removed = disk_budget_bytes(), 0, []
+    packages = []
+    for path in keep.parent.glob("*.pt2"):
+        try:
+            packages.append((path.stat().st_mtime, path.stat().st_size, path))
+        except FileNotFoundError:  # removed by another process meanwhile
+            continue
+    for _, size, path in sorted(packages, key=lambda p: (p[2] != keep, -p[0])):  # keep first, then newest first
+        used += size
+        if path != keep and used > budget:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        print(f"generate: removed {len(removed)} least recently used compiled decode step(s) from {keep.parent} "
+              f"(budget LMFORGE_DECODE_CACHE_MB={budget / 2**20:.0f})", file=sys.stderr, flush=True)
+    return removed
 
 
 def _compile_package(model: nn.Module, batch_size: int, cache_len: int, package: Path) -> None:
