@@ -1,15 +1,18 @@
 """Training throughput and peak memory: lmforge against transformers, same model, same weights, same batches.
 
-    python bench/bench_train.py [--repeats 5] [--threads 2] [--batch-size 8] [--compile] [--json results.jsonl]
+    python bench/bench_train.py [--repeats 5] [--threads 2] [--batch-size 8] [--compile] [--profile]
+                                [--json results.jsonl]
 
 One timed step is forward + backward + AdamW step + zero_grad on a (batch_size, seq_len) batch of token ids, fp32.
 lmforge runs exactly what `lmforge pretrain` runs per micro-step (causal_lm_loss, build_optimizer); transformers runs
-LlamaForCausalLM (SDPA attention) with the cross-entropy of its logits and torch's AdamW (foreach, the faster of
-torch's two CPU implementations). MFU = flops_per_token x tokens/s / measured fp32 matmul peak (the best of the
-peaks measured before each round, so a conservative MFU), with the same
-flops_per_token for both: 6N (N: every weight multiplied by an activation, the LM head included) plus the attention
-matmuls over the full context. Peak memory runs each contender in a fresh process (ru_maxrss), once with
-activation checkpointing off and once on.
+LlamaForCausalLM (SDPA attention) with the cross-entropy of its logits and torch's fused AdamW (the `Trainer`'s
+default optimizer, adamw_torch_fused, since torch 2.8; faster than foreach on the CPU). MFU = flops_per_token x
+tokens/s / measured fp32 matmul peak (the best of the peaks measured before each round, so a conservative MFU), with
+the same flops_per_token for both: 6N (N: every weight multiplied by an activation, the LM head included) plus the
+attention matmuls over the full context. Peak memory runs each contender in a fresh process (ru_maxrss), once with
+activation checkpointing off and once on. --profile splits one step of each contender into matmul, attention,
+optimizer and other operator time (torch.profiler) and prints the bound this puts on any speedup: transformers'
+step time over lmforge's matmul + attention time.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -44,7 +48,7 @@ def make_steps(batch: dict[str, torch.Tensor], checkpointing: bool = False, comp
     ours_forward = torch.compile(ours) if compile_ours else ours
     ours_opt = build_optimizer(ours, TrainConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WEIGHT_DECAY),
                                "cpu")
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, foreach=True)
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
 
     def step_ours() -> torch.Tensor:
         return optimizer_step(causal_lm_loss(ours_forward, batch)[0], ours_opt)
@@ -92,6 +96,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--compile", action="store_true", help="also time lmforge under torch.compile")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="also split one step of each contender into matmul, attention, optimizer and other time")
     parser.add_argument("--memory-only", action="store_true", help="only the peak-memory runs")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
@@ -131,10 +137,57 @@ def main() -> None:
               f"first loss {first[name]:.6f}")
     result = {"benchmark": "train", "model": BENCH_MODEL.to_dict(), "batch_size": args.batch_size,
               "seq_len": args.seq_len, "peak_flops": peak, "flops_per_token": flops_per_token, "rows": rows}
+    if args.profile:
+        result["profile_s"] = print_breakdown(steps)
     if not args.skip_memory:
         result["memory"] = measure_memory(args)
         print_memory(result["memory"])
     emit(result, args.json)
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
+
+
+def op_category(name: str) -> str:
+    """matmul, attention, optimizer or other: the buckets of a CPU training step's operator time."""
+    if name in MATMUL_OPS:
+        return "matmul"
+    if "scaled_dot_product" in name or "flash_attention" in name:
+        return "attention"
+    if "adam" in name.lower() or name.startswith(("aten::_foreach", "aten::lerp", "aten::addc")):
+        return "optimizer"
+    return "other"
+
+
+def breakdown(step: Callable[[], Any]) -> dict[str, float]:
+    """Seconds of one step by op_category: torch.profiler's self CPU time of every operator (a compiled region's
+    fused kernels count as other)."""
+    from torch.profiler import profile
+
+    step()
+    with profile() as prof:
+        step()
+    seconds = {"matmul": 0.0, "attention": 0.0, "optimizer": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        seconds[op_category(event.key)] += event.self_cpu_time_total / 1e6
+    return seconds
+
+
+def print_breakdown(steps: dict[str, Callable[[], Any]]) -> dict[str, dict[str, float]]:
+    """Where each contender's step goes, and the most any library could gain over transformers with the same
+    matmul and attention kernels: its total over lmforge's matmul + attention time (everything else at zero)."""
+    times = {name: breakdown(step) for name, step in steps.items()}
+    for name, parts in times.items():
+        total = sum(parts.values())
+        print(f"  profile {name:20s} {total:6.2f} s: " + ", ".join(
+            f"{part} {seconds:.2f} s ({seconds / total:.0%})" for part, seconds in parts.items()))
+    hf_total = sum(times["transformers"].values())
+    for name, parts in times.items():
+        if name != "transformers":
+            floor = parts["matmul"] + parts["attention"]
+            print(f"  {name}: matmuls + attention alone take {floor:.2f} s, so at most "
+                  f"{hf_total / floor:.2f}x transformers ({hf_total:.2f} s) with every other operation free")
+    return times
 
 
 def print_memory(memory: list[dict]) -> None:

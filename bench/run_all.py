@@ -29,6 +29,9 @@ def table(results: list[dict]) -> str:
                     lines.append(f"| training, {row['name']} | {row['tok_s']:.0f} tok/s, MFU {row['mfu']:.1%} | "
                                  f"{hf['tok_s']:.0f} tok/s, MFU {hf['mfu']:.1%} | {row['ratio']:.2f}x | matmul peak "
                                  f"{result['peak_flops'] / 1e9:.1f} GFLOP/s |")
+            for name, parts in result.get("profile_s", {}).items():
+                lines.append(f"| profile of a step, {name} | " + ", ".join(
+                    f"{part} {seconds:.2f} s" for part, seconds in parts.items()) + " | | | torch.profiler |")
         if kind in ("train", "memory"):
             for mem in result.get("memory", []):
                 lines.append(f"| peak memory, {mem['name']}, checkpointing {'on' if mem['checkpointing'] else 'off'}"
@@ -73,7 +76,7 @@ def main() -> None:
     out.unlink(missing_ok=True)
     for script in SCRIPTS:
         print(f"== {script}", flush=True)
-        extra = ["--compile"] if script in ("bench_train.py", "bench_decode.py") else []
+        extra = {"bench_train.py": ["--compile", "--profile"], "bench_decode.py": ["--compile"]}.get(script, [])
         subprocess.run([sys.executable, str(HERE / script), "--repeats", str(args.repeats), "--json", str(out), *extra],
                        check=True)
     results = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
