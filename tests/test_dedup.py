@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+import pytest
+
 from lmforge.data.dedup import DedupConfig, Deduplicator, Fingerprinter, normalize_for_dedup
 
 WORDS = ("river stone light garden window morning music letter forest quiet winter market paper silver "
@@ -65,3 +68,39 @@ def test_lsh_candidates_below_threshold_are_kept() -> None:
     assert run(["matrimonial law (noun): that branch of jurisprudence that studies the laws governing matrimony",
                 "patent law (noun): that branch of jurisprudence that studies the laws governing patents"]) == \
         [None, None]
+
+
+def datasketch_decisions(texts: list[str], cfg: DedupConfig) -> list[bool]:
+    """Near-duplicate decisions through datasketch's own MinHashLSH index (the reference for lmforge's index):
+    a document is a near duplicate when a candidate the LSH returns reaches the threshold."""
+    from datasketch import LeanMinHash, MinHashLSH
+
+    fingerprint, lsh, kept, decisions = Fingerprinter(cfg), MinHashLSH(cfg.threshold, cfg.num_perm), [], []
+    for text in texts:
+        values = fingerprint(text).minhash
+        signature = LeanMinHash(seed=cfg.seed, hashvalues=values, scheme="affine32")
+        near = any(np.mean(kept[key] == values) >= cfg.threshold for key in lsh.query(signature))
+        decisions.append(near)
+        if not near:
+            lsh.insert(len(kept), signature)
+            kept.append(values)
+    return decisions
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8, 0.95])
+def test_near_decisions_equal_datasketch_minhash_lsh(threshold) -> None:
+    # 20 paragraphs, each followed by copies with 0-12 of its 100 words changed: Jaccard similarities from 1 to
+    # ~0.3, on both sides of each threshold
+    rng = random.Random(threshold)
+    texts = []
+    for seed in range(20):
+        texts.append(" ".join(paragraph(seed)))
+        for changes in rng.sample([0, 1, 2, 3, 6, 12], 3):
+            words = paragraph(seed)
+            for position in rng.sample(range(len(words)), changes):
+                words[position] = rng.choice(["zebra", "quartz", "vellum", "obsidian"])
+            texts.append(" ".join(words))
+    cfg = DedupConfig(exact=False, threshold=threshold)
+    ours = [decision == "near" for decision in run(texts, cfg)]
+    assert ours == datasketch_decisions(texts, cfg)
+    assert 5 < sum(ours) < 55  # copies kept and copies dropped
