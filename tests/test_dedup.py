@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from lmforge.data.dedup import DedupConfig, Deduplicator, Fingerprinter, normalize_for_dedup
+from lmforge.data.dedup import DedupConfig, Deduplicator, Fingerprinter, normalize_for_dedup, shingles
 
 WORDS = ("river stone light garden window morning music letter forest quiet winter market paper silver "
          "mountain yellow station kitchen summer painter harbor evening bridge candle meadow village "
@@ -104,3 +104,20 @@ def test_near_decisions_equal_datasketch_minhash_lsh(threshold) -> None:
     ours = [decision == "near" for decision in run(texts, cfg)]
     assert ours == datasketch_decisions(texts, cfg)
     assert 5 < sum(ours) < 55  # copies kept and copies dropped
+
+
+@pytest.mark.parametrize("block", [8192, 7])  # 7: documents spread over several blocks, long ones over row blocks
+def test_batched_minhash_values_equal_datasketch(block, monkeypatch) -> None:
+    from datasketch import MinHash
+
+    monkeypatch.setattr(Fingerprinter, "BLOCK", block)
+    rng = random.Random(0)
+    texts = ["", "one", "a member of the genus Canis", " ".join(paragraph(3, 40))]
+    texts += [" ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 30))) for _ in range(40)]
+    cfg = DedupConfig(num_perm=64, seed=7)
+    fingerprints = Fingerprinter(cfg).batch(texts)
+    for text, fp in zip(texts, fingerprints):
+        reference = MinHash(num_perm=64, seed=7, scheme="affine32")
+        reference.update_batch(list(shingles(normalize_for_dedup(text), cfg.shingle_size)))
+        assert fp.minhash.dtype == np.uint32 and np.array_equal(fp.minhash, reference.hashvalues), text
+    assert [fp.digest for fp in fingerprints] == [Fingerprinter(cfg)(text).digest for text in texts]

@@ -71,28 +71,68 @@ def shingles(normalized: str, size: int) -> set[bytes]:
     return {" ".join(words[i:i + size]).encode("utf-8") for i in range(len(words) - size + 1)}
 
 
+def _fmix32(values: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer, elementwise on uint32 (wrapping): datasketch's pre-mix of hash values."""
+    values = values ^ (values >> np.uint32(16))
+    values = values * np.uint32(0x85EBCA6B)
+    values = values ^ (values >> np.uint32(13))
+    values = values * np.uint32(0xC2B2AE35)
+    return values ^ (values >> np.uint32(16))
+
+
 class Fingerprinter:
     """Computes `Fingerprint`s; pure per document, so worker processes run it in parallel.
 
-    One MinHash is reused (cleared per document): building one costs more than hashing a short gloss.
+    The MinHash values are datasketch's (`MinHash(num_perm, seed, scheme="affine32").update_batch(shingles)`: the
+    SHA-1-based 32-bit hash of each shingle, MurmurHash3's finalizer, then per permutation (a, b) the minimum of
+    a * h + b mod 2^32), computed for a whole batch of documents at once: one (shingles x num_perm) array and a
+    minimum per document, instead of a MinHash update per document, whose fixed cost (~80 us) exceeded the
+    hashing of a short gloss. The tests check the values against datasketch's.
     """
+
+    BLOCK = 8192  # shingles per (shingles x num_perm) array: 4 MiB at 128 permutations
 
     def __init__(self, cfg: DedupConfig) -> None:
         self.cfg = cfg
-        self._minhash = None
+        self._permutations = None
         if cfg.near:
             from datasketch import MinHash
+            from datasketch.hashfunc import sha1_hash32
 
-            self._minhash = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, scheme=_SCHEME)
+            self._hash = sha1_hash32
+            self._permutations = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, scheme=_SCHEME).permutations
 
     def __call__(self, text: str) -> Fingerprint:
-        normalized = normalize_for_dedup(text)
-        digest = hashlib.blake2b(normalized.encode("utf-8"), digest_size=16).digest()
-        if self._minhash is None:
-            return Fingerprint(digest, None)
-        self._minhash.clear()
-        self._minhash.update_batch(list(shingles(normalized, self.cfg.shingle_size)))
-        return Fingerprint(digest, self._minhash.hashvalues.copy())
+        return self.batch([text])[0]
+
+    def batch(self, texts: list[str]) -> list[Fingerprint]:
+        """The fingerprint of each text, in order."""
+        normalized = [normalize_for_dedup(text) for text in texts]
+        digests = [hashlib.blake2b(n.encode("utf-8"), digest_size=16).digest() for n in normalized]
+        if self._permutations is None:
+            return [Fingerprint(digest, None) for digest in digests]
+        hashes = [[self._hash(s) for s in shingles(n, self.cfg.shingle_size)] for n in normalized]
+        signatures: list[np.ndarray] = []
+        start = 0
+        while start < len(hashes):  # blocks of whole documents, at most BLOCK shingles unless one is longer
+            end, size = start + 1, len(hashes[start])
+            while end < len(hashes) and size + len(hashes[end]) <= self.BLOCK:
+                size += len(hashes[end])
+                end += 1
+            signatures.extend(self._minhashes(hashes[start:end]))
+            start = end
+        return [Fingerprint(digest, signature) for digest, signature in zip(digests, signatures)]
+
+    def _minhashes(self, hashes: list[list[int]]) -> np.ndarray:
+        """(documents, num_perm) uint32: per document, the minimum over its shingles of each permutation."""
+        a, b = self._permutations
+        lengths = [len(h) for h in hashes]
+        mixed = _fmix32(np.fromiter((v for h in hashes for v in h), dtype=np.uint32, count=sum(lengths)))
+        if len(hashes) == 1 and lengths[0] > self.BLOCK:  # one long document: its minimum over row blocks
+            return np.minimum.reduce([(mixed[i:i + self.BLOCK, None] * a + b).min(axis=0)
+                                      for i in range(0, lengths[0], self.BLOCK)])[None]
+        offsets = np.cumsum([0] + lengths[:-1])
+        return np.minimum.reduceat(mixed[:, None] * a + b, offsets, axis=0)
 
 
 class Deduplicator:

@@ -201,13 +201,15 @@ class _CleanTask:
     def __call__(self, item: tuple[int, list[str]]) -> tuple[
             int, list[tuple[int, CleanResult, Fingerprint | None, str | None]]]:
         source_index, texts = item
+        results = [clean_document(text, self.clean) for text in texts]
+        kept = [result.text for result in results if result.text is not None]
+        fingerprints = iter(self.fingerprint.batch(kept))  # one batch: see Fingerprinter
         out = []
-        for text in texts:
-            result = clean_document(text, self.clean)
+        for text, result in zip(texts, results):
             if result.text is None:
                 out.append((len(text.encode("utf-8")), result, None, None))
             else:
-                out.append((len(text.encode("utf-8")), result, self.fingerprint(result.text),
+                out.append((len(text.encode("utf-8")), result, next(fingerprints),
                             _split_of(result.text, self.val_fraction)))
         return source_index, out
 
