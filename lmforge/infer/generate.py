@@ -230,6 +230,14 @@ class _TextStream:
         return self._show(len(self.text))
 
 
+def _push_row(stream: _TextStream, token_id: int, eos_id: Optional[int]) -> tuple[str, bool]:
+    """One new token of a row: (the text it makes printable, whether the row has ended: eos or a stop string)."""
+    if token_id == eos_id:
+        return "", True
+    delta = stream.push(token_id)
+    return delta, stream.stopped
+
+
 def _completion(ids: list[int], eos_id: Optional[int], stream: Optional[_TextStream], tokenizer: Any) -> Completion:
     """Cut a row's tokens after the step that ended it and name why it ended."""
     if stream is not None and stream.stopped:
@@ -272,11 +280,7 @@ def generate(model: Any, prompts: Prompts, cfg: Optional[GenerationConfig] = Non
     for steps, token in enumerate(_token_steps(model, batch, cfg), start=1):
         if streams is not None:  # text is needed on the host anyway: end rows there
             for row, token_id in enumerate(token.tolist()):
-                if row in ended_rows:
-                    continue
-                if token_id != eos_id:
-                    streams[row].push(token_id)
-                if token_id == eos_id or streams[row].stopped:
+                if row not in ended_rows and _push_row(streams[row], token_id, eos_id)[1]:
                     ended_rows.add(row)
             if len(ended_rows) == batch_size:
                 break
@@ -299,15 +303,12 @@ def stream_generate(model: Any, tokenizer: Any, prompt: str, cfg: Optional[Gener
     eos_id = tokenizer.eos_id if cfg.eos else None
     stream = _TextStream(tokenizer, cfg.stop)
     for token in _token_steps(model, batch, cfg):
-        token_id = int(token)
-        if token_id == eos_id:
-            break
-        delta = stream.push(token_id)
+        delta, ended = _push_row(stream, int(token), eos_id)
         if delta:
             yield delta
-        if stream.stopped:
-            return
-    tail = stream.finish()
+        if ended:
+            break
+    tail = stream.finish()  # nothing after a stop string: push showed all that precedes it
     if tail:
         yield tail
 
