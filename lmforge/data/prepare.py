@@ -154,8 +154,8 @@ def _validate(cfg: DataConfig) -> Optional[Tokenizer]:
 
 class _Spool:
     """Temp files of kept documents, one per (split, mixture pass): records of the source index (uint32) and the
-    text's length in bytes (uint64), little-endian, then the text's UTF-8 bytes. Binary rather than JSON lines: every document passes through
-    the one main process, where json.dumps and a text-mode write cost ~40 us each."""
+    text's length in bytes (uint64), little-endian, then the text's UTF-8 bytes. Binary rather than JSON lines:
+    every document passes through the one main process, where json.dumps and a text-mode write cost ~40 us each."""
 
     HEADER = struct.Struct("<IQ")
 
