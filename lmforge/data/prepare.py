@@ -206,11 +206,9 @@ class _CleanTask:
         fingerprints = iter(self.fingerprint.batch(kept))  # one batch: see Fingerprinter
         out = []
         for text, result in zip(texts, results):
-            if result.text is None:
-                out.append((len(text.encode("utf-8")), result, None, None))
-            else:
-                out.append((len(text.encode("utf-8")), result, next(fingerprints),
-                            _split_of(result.text, self.val_fraction)))
+            kept_text = result.text is not None
+            out.append((len(text.encode("utf-8")), result, next(fingerprints) if kept_text else None,
+                        _split_of(result.text, self.val_fraction) if kept_text else None))
         return source_index, out
 
 

@@ -214,9 +214,10 @@ def prune_disk_cache(keep: Path) -> list[Path]:
     packages = []
     for path in keep.parent.glob("*.pt2"):
         try:
-            packages.append((path.stat().st_mtime, path.stat().st_size, path))
+            stat = path.stat()
         except FileNotFoundError:  # removed by another process meanwhile
             continue
+        packages.append((stat.st_mtime, stat.st_size, path))
     for _, size, path in sorted(packages, key=lambda p: (p[2] != keep, -p[0])):  # keep first, then newest first
         used += size
         if path != keep and used > budget:
