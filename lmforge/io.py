@@ -106,22 +106,83 @@ def _recover_leftovers(path: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def check_replaceable_dir(path: str | os.PathLike, marker: str, what: str) -> None:
-    """Refuse to let `atomic_path` replace an existing, non-empty dir that lacks `marker` (not ours to delete).
+def _json_object(path: Path) -> dict:
+    """The JSON object in `path`, or {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
-    A missing path, an empty dir, or a dir holding `marker` passes. Anything else is a one-line LmforgeError.
+
+def dir_kind(path: str | os.PathLike) -> str | None:
+    """Which kind of lmforge directory `path` is, from the files it holds (None for anything else):
+
+    'run dir'        metrics.jsonl or checkpoints/, or a config.json of a training run (keys out_dir and train)
+    'model dir'      config.json of an lmforge or Hugging Face model (lmforge_model or model_type), not a run dir
+    'adapter dir'    adapter_config.json (PEFT's format)
+    'dataset dir'    meta.json (written by `lmforge data prepare`)
+    'tokenizer dir'  tokenizer.json without a config.json
+    'quickstart dir' nothing but data/, run/ and summary.json
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    config = _json_object(path / "config.json") if (path / "config.json").is_file() else {}
+    if (path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir() or {"out_dir", "train"} <= config.keys():
+        return "run dir"
+    if config.get("lmforge_model") or "model_type" in config:
+        return "model dir"
+    if (path / "adapter_config.json").is_file():
+        return "adapter dir"
+    if (path / "meta.json").is_file():
+        return "dataset dir"
+    if (path / "tokenizer.json").is_file() and not (path / "config.json").exists():
+        return "tokenizer dir"
+    names = {p.name for p in path.iterdir() if not p.name.startswith(".")}
+    if names and names <= {"data", "run", "summary.json"}:
+        return "quickstart dir"
+    return None
+
+
+def check_replaceable_dir(path: str | os.PathLike, marker: str, what: str,
+                          inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Refuse to let a command write or replace `path` unless it is missing, empty, or exactly the kind of dir the
+    command writes (`what`, one of the kinds of `dir_kind`), and unless it holds none of the command's `inputs`.
+
+    A dir of another lmforge kind is named as such ("runs/x is a run dir, not a model dir"); a foreign dir is named
+    by the `marker` file it lacks. Anything refused is a one-line LmforgeError and nothing is touched.
     """
     from lmforge.errors import LmforgeError
 
     path = Path(path)
+    target = path.resolve()
+    for source in inputs:
+        if source and (Path(source).resolve() == target or Path(source).resolve().is_relative_to(target)):
+            raise LmforgeError(f"{path} holds this command's input {source}; choose another output dir")
     if not path.exists():
         return
     if not path.is_dir():
         raise LmforgeError(f"{path} exists and is not a {what} (not a directory); choose another output dir or "
                            "delete it")
-    if (path / marker).is_file() or not any(path.iterdir()):
+    if not any(path.iterdir()):
         return
+    kind = dir_kind(path)
+    if kind == what or (kind is None and (path / marker).is_file()):
+        return
+    if kind is not None:
+        raise LmforgeError(f"{path} is a {kind}, not a {what}; choose another output dir")
     raise LmforgeError(f"{path} exists and is not a {what} (no {marker}); choose another output dir or delete it")
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike) -> None:
+    """Write `tensors` (name -> contiguous tensor) as a safetensors file at `path`, atomically, with the mode any
+    other file gets under the umask (safetensors itself creates its files 0600)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~_UMASK)
 
 
 def load_safetensors(path: str | os.PathLike) -> dict:

@@ -26,7 +26,7 @@ def read_config_json(directory: str | Path) -> Optional[dict[str, Any]]:
 @dataclass
 class ModelConfig:
     architecture: Literal["decoder"] = "decoder"
-    vocab_size: int = 8192
+    vocab_size: Optional[int] = None  # None -> the dataset's vocab_size (pretrain); a model needs one to be built
     block_size: int = 256  # maximum context length (positions)
     n_layer: int = 4
     n_head: int = 4

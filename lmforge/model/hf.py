@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lmforge.errors import LmforgeError
-from lmforge.io import atomic_path, atomic_write_text, load_safetensors
+from lmforge.io import atomic_write_text, load_safetensors, save_safetensors
 from lmforge.model.config import ModelConfig, read_config_json
 from lmforge.model.transformer import Transformer
 
@@ -324,14 +324,11 @@ def to_hf_dir(model: Transformer, path: str | Path, family: Optional[str] = None
     family defaults to infer_family(model.config); config_overrides are extra HF config fields (token ids...).
     Tokenizer files are not written here.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     family = family or infer_family(model.config)
     hf_config = config_to_hf(model.config, family, **config_overrides)
     state = to_hf_state_dict(model, family)
     path.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+    save_safetensors(state, path / "model.safetensors")
     atomic_write_text(path / "config.json", hf_config.to_json_string(use_diff=False))
     return path

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lmforge.errors import LmforgeError, PromptTooLongError
+from lmforge.errors import ConfigError, LmforgeError, PromptTooLongError
 from lmforge.io import load_safetensors
 from lmforge.model.config import ModelConfig
 from lmforge.model.kv_cache import KVCache
-from lmforge.objectives.cross_entropy import linear_cross_entropy
+from lmforge.model.fused_loss import linear_cross_entropy
 
 # torch >= 2.5 repeats K/V heads inside SDPA; older versions need an explicit repeat_interleave.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -195,6 +195,8 @@ class Transformer(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if config.vocab_size is None:
+            raise ConfigError("model.vocab_size is not set (pretrain takes it from the dataset; elsewhere give it)")
         self.config = cfg = config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.positions == "learned" else None
@@ -236,7 +238,7 @@ class Transformer(nn.Module):
         cache); explicit position ids are not range-checked. attention_mask (B, past + T), True = real token,
         covers cached and new keys. With a cache, new keys/values are written at [past, past + T) and
         kv_cache.length advances by T. targets (B, T), -100 where no loss is taken: the loss is computed with the
-        LM head fused into the cross-entropy (lmforge.objectives.cross_entropy), so the (B, T, V) logits are never
+        LM head fused into the cross-entropy (lmforge.model.fused_loss), so the (B, T, V) logits are never
         materialized; it goes through forward so that DDP, FSDP and torch.compile wrappers see it.
         """
         hidden = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache)
@@ -347,17 +349,14 @@ class Transformer(nn.Module):
 
     def save(self, directory: str | Path) -> None:
         """Write config.json and model.safetensors into `directory`, each atomically; tied weights saved once."""
-        from safetensors.torch import save_file
-
-        from lmforge.io import atomic_path
+        from lmforge.io import save_safetensors
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         if self.config.tie_embeddings:
             del state["lm_head.weight"]
-        with atomic_path(directory / WEIGHTS_FILE) as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})
+        save_safetensors(state, directory / WEIGHTS_FILE)
         self.config.save(directory / CONFIG_FILE)
 
     @classmethod
