@@ -25,7 +25,7 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"{key}: {name!r} requested but CUDA is not available on this machine "
-                              "(use --device cpu or auto)")
+                              f"(use --{key} cpu or auto)")
         if index is not None and int(index) >= torch.cuda.device_count():
             raise ConfigError(f"{key}: {name!r} requested but this machine has {torch.cuda.device_count()} "
                               "CUDA device(s)")

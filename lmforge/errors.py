@@ -19,3 +19,8 @@ class TokenizerMismatchError(LmforgeError):
 
 class PromptTooLongError(LmforgeError):
     """A prompt that does not fit in the model's context."""
+
+
+class Interrupted(LmforgeError):
+    """A run stopped cleanly by Ctrl-C or SIGTERM: the message says where its checkpoint is and how to resume.
+    The CLI prints it as one line and exits with code 130, as for any interrupt."""

@@ -30,9 +30,9 @@ class QuickstartConfig:
     seq_len: int = 128
     batch_size: int = 16
     lr: float = 6e-3  # small models take a high rate: 6e-3 beat 3e-3 by 0.08 bits/byte at d_model 128
-    max_steps: int = 0  # 0 = as many as fit in time_budget_s, measured on this machine
+    max_steps: int = 0  # 0 = as many as fit in time_budget_s (the learning rate follows the clock)
     warmup_steps: int = 30
-    time_budget_s: float = 600.0  # training wall-time budget; the whole command adds data prep and evaluation
+    time_budget_s: float = 600.0  # training wall-time budget; the whole command adds data prep and sampling
     eval_interval: int = 250
     seed: int = 1337
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
@@ -80,25 +80,28 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     from lmforge.model.config import ModelConfig
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.config import DataSection, PretrainConfig, TrainConfig
-    from lmforge.train.pretrain import pretrain
+    from lmforge.io import check_replaceable_dir, dir_kind
+    from lmforge.stages.pretrain import pretrain
 
     started = time.time()
     out = Path(cfg.out_dir)
+    check_replaceable_dir(out, "summary.json", "quickstart dir")
+    for part, kind in (("data", "dataset dir"), ("run", "run dir")):
+        check_replaceable_dir(out / part, "config.json", kind)
     dataset_dir, corpus = _prepare(cfg, out)
     meta = read_meta(dataset_dir)
     prep_s = time.time() - started
 
     model_cfg = ModelConfig.preset(cfg.preset, vocab_size=meta["vocab_size"], block_size=cfg.seq_len)
-    max_steps = cfg.max_steps or _steps_for_budget(model_cfg, cfg.batch_size, cfg.seq_len, cfg.time_budget_s)
     train_cfg = PretrainConfig(
         model=model_cfg,
         data=DataSection(dataset=str(dataset_dir), seq_len=cfg.seq_len),
-        train=TrainConfig(batch_size=cfg.batch_size, max_steps=max_steps, lr=cfg.lr, min_lr=cfg.lr / 10,
+        train=TrainConfig(batch_size=cfg.batch_size, max_steps=cfg.max_steps, lr=cfg.lr, min_lr=cfg.lr / 10,
                           warmup_steps=cfg.warmup_steps, eval_interval=cfg.eval_interval, seed=cfg.seed,
                           time_budget_s=cfg.time_budget_s, checkpoint_interval=cfg.eval_interval * 4),
         out_dir=str(out / "run"),
     )
-    if (out / "run").exists():  # the quickstart owns its out_dir: a new quickstart is a new run
+    if dir_kind(out / "run") == "run dir":  # a quickstart run dir written before: a new quickstart is a new run
         shutil.rmtree(out / "run")
     run_dir = pretrain(train_cfg)
     train_summary = json.loads((run_dir / "summary.json").read_text())
@@ -129,41 +132,6 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     atomic_write_json(out / "summary.json", summary)
     _print_summary(summary)
     return summary
-
-
-def _steps_for_budget(model_cfg: Any, batch_size: int, seq_len: int, budget_s: float) -> int:
-    """Optimizer steps that fit in `budget_s`, from timing a few steps of the same model on random tokens.
-
-    The schedule then decays to its end inside the budget instead of being cut off at a high learning rate.
-    """
-    import torch
-
-    from lmforge.device import resolve_device
-    from lmforge.model import Transformer
-    from lmforge.objectives.causal_lm import causal_lm_loss
-    from lmforge.train.config import TrainConfig
-    from lmforge.train.optim import build_optimizer
-    from lmforge.train.pretrain import autocast_dtype, precision_context
-
-    device, train_cfg = resolve_device("auto"), TrainConfig()  # what pretrain uses with the quickstart's config
-    half = autocast_dtype(device, train_cfg.dtype)
-    model = Transformer(model_cfg).to(device).train()
-    optimizer = build_optimizer(model, train_cfg, device.type)
-    ids = torch.randint(0, model_cfg.vocab_size, (batch_size, seq_len + 1), device=device)
-    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
-    timings = []
-    for _ in range(6):
-        start = time.perf_counter()
-        with precision_context(device, half):
-            loss, _ = causal_lm_loss(model, batch)  # .item() inside syncs, as in pretrain
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
-    step_s = sorted(timings[1:])[2]  # median of the warm steps
-    return max(10, int(0.85 * budget_s / step_s))  # 15% left for validation, checkpoints and slower steps
 
 
 def _print_summary(s: dict[str, Any]) -> None:

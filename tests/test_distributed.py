@@ -18,7 +18,7 @@ from lmforge.model import ModelConfig, Transformer
 from lmforge.train.checkpoint import load_trainer_state
 from lmforge.train.distributed import DistContext, shard_model
 from lmforge.train.metrics import MetricsLog
-from lmforge.train.pretrain import PretrainConfig, pretrain
+from lmforge.stages.pretrain import PretrainConfig, pretrain
 
 # grad_accum 2 exercises the skipped gradient reduction (no_sync). seq_len 14 leaves 13 validation windows, so the
 # last validation batch holds 1 window and the second process's share of it is empty (an FSDP forward is collective).

@@ -15,7 +15,7 @@ from lmforge.model import ModelConfig, Transformer
 from lmforge.model.hf import config_to_hf, to_hf_state_dict
 from lmforge.train.config import TrainConfig
 from lmforge.train.optim import build_optimizer, param_groups
-from lmforge.train.pretrain import PretrainConfig, pretrain
+from lmforge.stages.pretrain import PretrainConfig, pretrain
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

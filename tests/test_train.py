@@ -28,7 +28,7 @@ from lmforge.train.data import WindowSampler, validation_batches
 from lmforge.train.metrics import MetricsLog
 from lmforge.train.mfu import mfu, peak_flops
 from lmforge.train.optim import build_optimizer, lr_at, param_groups
-from lmforge.train.pretrain import PretrainConfig, bits_per_byte, pretrain
+from lmforge.stages.pretrain import PretrainConfig, bits_per_byte, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -399,7 +399,7 @@ SLOW_DRIVER = """
 import sys, time
 import torch
 torch.set_num_threads(1)
-import lmforge.train.pretrain as pretrain_module
+import lmforge.train.loop as pretrain_module
 from lmforge.cli import main
 schedule = pretrain_module.lr_at
 def slow_lr_at(step, cfg):  # slow the run down so the test can kill it between checkpoints

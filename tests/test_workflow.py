@@ -74,28 +74,3 @@ def test_quickstart_command_end_to_end(tmp_path, capsys):
     assert main(args) == 0
     assert "reusing" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
-
-
-def test_quickstart_times_the_real_training_step(monkeypatch):
-    import lmforge.objectives.causal_lm as causal_lm
-    import lmforge.train.optim as optim
-    from lmforge.model.config import ModelConfig
-    from lmforge.quickstart import _steps_for_budget
-
-    calls = {"loss": 0, "optimizer": 0}
-    real_loss, real_build = causal_lm.causal_lm_loss, optim.build_optimizer
-
-    def counting_loss(*args, **kwargs):
-        calls["loss"] += 1
-        return real_loss(*args, **kwargs)
-
-    def counting_build(*args, **kwargs):
-        calls["optimizer"] += 1
-        return real_build(*args, **kwargs)
-
-    monkeypatch.setattr(causal_lm, "causal_lm_loss", counting_loss)
-    monkeypatch.setattr(optim, "build_optimizer", counting_build)
-    cfg = ModelConfig.preset("tiny-llama", vocab_size=300, block_size=16, d_model=32)
-    assert _steps_for_budget(cfg, batch_size=2, seq_len=16, budget_s=1e6) > 10
-    assert calls == {"loss": 6, "optimizer": 1}
-    assert _steps_for_budget(cfg, batch_size=2, seq_len=16, budget_s=1e-9) == 10

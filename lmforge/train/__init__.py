@@ -1,5 +1,4 @@
 """The training loop and its parts: data sampling, optimizer and schedules, checkpoints, DDP, metrics, MFU.
 
-Entry point: `from lmforge.train.pretrain import PretrainConfig, pretrain` (not re-exported here, so that the
-name `lmforge.train.pretrain` always means the module).
+The stages that run on the loop live in lmforge.stages (`from lmforge.stages.pretrain import pretrain`).
 """

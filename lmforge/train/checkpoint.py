@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
-from lmforge.io import atomic_path
+from lmforge.io import atomic_path, atomic_write_json
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import copy_tokenizer_files
 
@@ -37,21 +37,26 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step}"
 
 
-def write_model_files(model: nn.Module, directory: Path, tokenizer_dir: Optional[str | Path]) -> None:
-    """Fill the new dir `directory` with a model dir: config.json, model.safetensors and the tokenizer files."""
+def write_model_files(model: nn.Module, directory: Path, tokenizer_dir: Optional[str | Path],
+                      extra_files: Optional[dict[str, Any]] = None) -> None:
+    """Fill the new dir `directory` with a model dir: config.json, model.safetensors, the tokenizer files and
+    `extra_files` (name -> JSON-ready object, e.g. training.json)."""
     directory.mkdir(parents=True)
     model.save(directory)
     copy_tokenizer_files(tokenizer_dir, directory)
+    for name, content in (extra_files or {}).items():
+        atomic_write_json(directory / name, content)
 
 
-def save_model_dir(model: nn.Module, path: Path, tokenizer_dir: Optional[str | Path]) -> None:
+def save_model_dir(model: nn.Module, path: Path, tokenizer_dir: Optional[str | Path],
+                   extra_files: Optional[dict[str, Any]] = None) -> None:
     """Write a complete model dir atomically at `path` (replacing any previous one)."""
     with atomic_path(path) as tmp:
-        write_model_files(model, tmp, tokenizer_dir)
+        write_model_files(model, tmp, tokenizer_dir, extra_files)
 
 
 def gather_model(model: Transformer) -> Optional[Transformer]:
-    """Rank 0: a plain Transformer holding `model`'s full weights on the CPU; None on the other ranks.
+    """Rank 0: a plain model of `model`'s class holding its full weights on the CPU; None on the other ranks.
 
     Collective: every process calls it (FSDP all-gathers the shards). The copy is built on the meta device and takes
     the gathered tensors as its parameters, so the weights are not allocated twice.
@@ -60,7 +65,7 @@ def gather_model(model: Transformer) -> Optional[Transformer]:
     if dist.is_initialized() and dist.get_rank() > 0:
         return None
     with torch.device("meta"):
-        plain = Transformer(model.config)
+        plain = type(model)(model.config)
     plain.load_state_dict(state, assign=True)
     return plain
 
@@ -120,11 +125,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, trainer_state: dict[str, Any],
-                    tokenizer_dir: Optional[str | Path], keep: int) -> Path:
+                    tokenizer_dir: Optional[str | Path], keep: int,
+                    extra_files: Optional[dict[str, Any]] = None) -> Path:
     """Write checkpoints/step_{step}/ atomically, then delete all but the newest `keep` (0 = keep all)."""
     path = checkpoint_dir(run_dir, step)
     with atomic_path(path) as tmp:
-        write_model_files(model, tmp, tokenizer_dir)
+        write_model_files(model, tmp, tokenizer_dir, extra_files)
         torch.save(trainer_state, tmp / TRAINER_STATE)
     for stale in path.parent.glob(".step_*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)

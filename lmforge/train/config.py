@@ -18,10 +18,10 @@ class DataSection:
 class TrainConfig:
     batch_size: int = 16  # sequences per micro-step summed over all processes; each of W processes takes 1/W
     grad_accum: int = 1  # micro-steps per optimizer step; tokens/step = batch_size * grad_accum * seq_len
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 1000  # optimizer steps; 0 with time_budget_s > 0: as many as the budget allows (lr follows the clock)
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # final learning rate of the cosine and wsd schedules
-    warmup_steps: int = 100
+    warmup_steps: Optional[int] = None  # linear warmup steps; None -> min(100, max_steps // 10)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_frac: float = 0.2  # wsd: fraction of max_steps spent in the final linear decay
     weight_decay: float = 0.1  # applied to 2-D weights except embeddings
@@ -39,8 +39,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp replicates the model; fsdp (FSDP2) shards weights, grads, optimizer
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% more compute
-    time_budget_s: float = 0.0  # stop cleanly (checkpoint, eval, final model) after this many seconds; 0 = none
-    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up the GPU or measure the CPU
+    time_budget_s: float = 0.0  # stop cleanly (eval, checkpoint, final model) within this many seconds in all; 0 = none
+    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up the GPU or measure the CPU (best seen, cached)
+    tensorboard: bool = False  # also log metrics to run_dir/tensorboard with TensorBoard's own writer
+    wandb: bool = False  # also log metrics to Weights & Biases (offline mode: run_dir/wandb; `wandb sync` uploads)
 
 
 @dataclass
@@ -49,5 +51,5 @@ class PretrainConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     out_dir: str = "runs/pretrain"  # the run dir
-    resume: bool = False  # continue from the newest checkpoint in out_dir
+    resume: bool = False  # continue from the newest checkpoint in out_dir (same config: --config OUT_DIR/config.json)
     init_from: Optional[str] = None  # start from the weights (and config) of this model dir instead of random init

@@ -58,8 +58,29 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
                  fused=fused, foreach=None if fused else True)
 
 
+def warmup_steps(cfg: TrainConfig) -> int:
+    """The warmup length: cfg.warmup_steps, or when it is None min(100, max_steps // 10) (100 for a run that
+    follows the clock), so that a short run is not left below its peak rate by a long default warmup."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return 100 if cfg.max_steps == 0 else min(100, cfg.max_steps // 10)
+
+
+def _decay(progress: float, cfg: TrainConfig) -> float:
+    """The rate after warmup at `progress` (0..1, clipped) through the decay: cosine, wsd or constant."""
+    progress = min(1.0, max(0.0, progress))
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    decay_start = 1.0 - cfg.decay_frac
+    if progress < decay_start:
+        return cfg.lr
+    return cfg.lr - (cfg.lr - cfg.min_lr) * min(1.0, (progress - decay_start) / max(cfg.decay_frac, 1e-12))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based).
+    """Learning rate for optimizer step `step` (0-based) of a run of cfg.max_steps steps.
 
     warmup (step < W):  lr * (step + 1) / W
     cosine:             min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2,  p = (step - W) / (max_steps - W)
@@ -68,12 +89,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     constant:           lr
     p is clipped to [0, 1], so both decays reach min_lr at step = max_steps and stay there.
     """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    warmup = warmup_steps(cfg)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "cosine":
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
         return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
     decay_start = cfg.max_steps - round(cfg.decay_frac * cfg.max_steps)
     if step < decay_start:
@@ -82,13 +104,39 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr - (cfg.lr - cfg.min_lr) * progress
 
 
+def lr_at_time(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Learning rate of a run that follows the clock (max_steps = 0, a time budget): the schedule's decay is a
+    function of the fraction of the budget elapsed, `progress`, so the rate reaches min_lr when the budget ends
+    however fast or slow the steps run (wsd starts its decay when 1 - decay_frac of the budget has passed):
+
+        lr(step, p) = decay(p) * min(1, (step + 1) / W)
+
+    with decay(p) the cosine, wsd or constant curve of `lr_at` over p in [0, 1] instead of the step fraction."""
+    warmup = warmup_steps(cfg)
+    scale = (step + 1) / warmup if step < warmup else 1.0
+    return _decay(progress, cfg) * scale
+
+
 def check_schedule(cfg: TrainConfig) -> None:
     """Reject schedule settings that cannot describe a run."""
-    if cfg.max_steps <= 0:
-        raise ConfigError(f"train.max_steps must be positive, got {cfg.max_steps}")
-    if cfg.warmup_steps < 0:
+    if cfg.max_steps < 0 or (cfg.max_steps == 0 and cfg.time_budget_s <= 0):
+        raise ConfigError(f"train.max_steps must be positive, or 0 with train.time_budget_s > 0 (as many steps as "
+                          f"the budget allows), got {cfg.max_steps}")
+    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if not 0.0 <= cfg.decay_frac <= 1.0:
         raise ConfigError(f"train.decay_frac must be in [0, 1], got {cfg.decay_frac}")
     if not 0.0 <= cfg.min_lr <= cfg.lr:
         raise ConfigError(f"train.min_lr must be in [0, train.lr={cfg.lr}], got {cfg.min_lr}")
+    if cfg.time_budget_s < 0:
+        raise ConfigError(f"train.time_budget_s must be >= 0 (0 = none), got {cfg.time_budget_s}")
+
+
+def schedule_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that are valid but probably not meant: a warmup as long as the run."""
+    warmup = warmup_steps(cfg)
+    if cfg.max_steps and warmup >= cfg.max_steps:
+        peak = cfg.lr * cfg.max_steps / warmup
+        return [f"train.warmup_steps={warmup} >= train.max_steps={cfg.max_steps}: the learning rate only reaches "
+                f"{peak:.3g} of train.lr={cfg.lr:.3g} (lower --train.warmup_steps)"]
+    return []
