@@ -8,57 +8,61 @@ Python function. A user mistake (`LmforgeError`) becomes one line on stderr and 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from lmforge.config import flat_fields, load_config
-from lmforge.errors import LmforgeError
+from lmforge.errors import Interrupted, LmforgeError
 
 
 @dataclass(frozen=True)
 class Command:
-    """A CLI command: `path` is the command words, `target` is 'module:ConfigClass:function'."""
+    """A CLI command: `path` is the command words, `config` the 'module:Class' of its dataclass config and `run` the
+    'module:function' it calls. Config classes live in modules that do not import torch, so that `--help` and a
+    mistyped option answer at once; the function's module is imported only to run the command."""
 
     path: tuple[str, ...]
-    target: str
+    config: str
+    run: str
     help: str
     example: str
     positionals: tuple[str, ...] = ()  # config keys that may also be given positionally, in order
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command(("data", "prepare"), "lmforge.data.prepare:DataConfig:prepare_dataset",
+    Command(("data", "prepare"), "lmforge.data.prepare:DataConfig", "lmforge.data.prepare:prepare_dataset",
             "clean, deduplicate, mix, split and tokenize text into a dataset dir of token shards",
             "lmforge data prepare --sources wordnet,kjv:0.5 --out_dir data/wn --vocab_size 4096"),
-    Command(("tokenizer", "train"), "lmforge.tokenizer:TokenizerTrainConfig:train_tokenizer",
+    Command(("tokenizer", "train"), "lmforge.tokenizer:TokenizerTrainConfig", "lmforge.tokenizer:train_tokenizer",
             "train a byte-level BPE tokenizer and report bytes per token on held-out text",
             "lmforge tokenizer train --input stdlib-docstrings --out_dir tok --vocab_size 4096"),
-    Command(("pretrain",), "lmforge.train.pretrain:PretrainConfig:pretrain",
+    Command(("pretrain",), "lmforge.train.config:PretrainConfig", "lmforge.stages.pretrain:pretrain",
             "pretrain a decoder-only transformer on a dataset dir (resumable; DDP under torchrun)",
             "lmforge pretrain --data.dataset data/wn --model.n_layer 4 --train.max_steps 500 --out_dir runs/wn"),
-    Command(("generate",), "lmforge.infer.generate:GenerateConfig:run_generate",
+    Command(("generate",), "lmforge.infer.generate:GenerateConfig", "lmforge.infer.generate:run_generate",
             "generate text from a model dir (lmforge or Hugging Face) with a KV cache and sampling",
-            "lmforge generate --model runs/wn/final --prompt 'a dog is' --max_new_tokens 40 --temperature 0.8"),
-    Command(("convert",), "lmforge.convert:ConvertConfig:convert",
+            "lmforge generate runs/wn/final --prompt 'a dog is' --max_new_tokens 40 --temperature 0.8",
+            positionals=("model",)),
+    Command(("convert",), "lmforge.convert:ConvertConfig", "lmforge.convert:convert",
             "convert between an lmforge model dir and a Hugging Face dir (GPT-2, LLaMA, Qwen2, Mistral)",
             "lmforge convert runs/wn/final hf/wn --to hf", positionals=("src", "dst")),
-    Command(("info",), "lmforge.convert:InfoConfig:model_info",
+    Command(("info",), "lmforge.convert:InfoConfig", "lmforge.convert:model_info",
             "print a model dir's config, parameter count and FLOPs per token",
             "lmforge info runs/wn/final", positionals=("model",)),
-    Command(("quickstart",), "lmforge.quickstart:QuickstartConfig:quickstart",
+    Command(("quickstart",), "lmforge.quickstart:QuickstartConfig", "lmforge.quickstart:quickstart",
             "fetch WordNet, prepare it, train a tokenizer and a small LLaMA-style model, evaluate and sample",
             "lmforge quickstart --out_dir runs/quickstart --time_budget_s 480"),
 )
 
 
-def _resolve(target: str) -> tuple[type, Callable[[Any], Any]]:
-    module_name, cls_name, fn_name = target.split(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, cls_name), getattr(module, fn_name)
+def _import(target: str) -> Any:
+    module_name, name = target.split(":")
+    return getattr(importlib.import_module(module_name), name)
 
 
 def _type_name(tp: Any) -> str:
@@ -99,7 +103,8 @@ def _overview() -> str:
              "lmforge: raw text to a trained language model, one command per lifecycle stage.", "", "commands:"]
     lines += [f"  {' '.join(c.path):<{width}}  {c.help}" for c in COMMANDS]
     lines += ["", "Every option can also be set in a --config FILE (TOML, YAML or JSON).",
-              "Add --traceback to any command to see the full traceback of an error."]
+              "Add --traceback to any command to see the full traceback of an error.",
+              "lmforge --version prints the version."]
     return "\n".join(lines)
 
 
@@ -111,47 +116,85 @@ def find_command(argv: Sequence[str]) -> tuple[Command | None, list[str]]:
     return None, list(argv)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse without prefix matching (`--train.max_step` is not `--train.max_steps`), whose errors are one line
+    naming the option and, for a misspelt one, the closest valid option."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            words = message[len(prefix):].split()
+            option = next((w.split("=", 1)[0] for w in words if w.startswith("-")), None)
+            if option is None:
+                message = f"unexpected argument {words[0]!r} (this command takes options: see {self.prog} --help)"
+            else:
+                known = [o for action in self._actions for o in action.option_strings]
+                close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]}?" if close else f"see {self.prog} --help"
+                message = f"unknown option {option} ({hint})"
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser(cmd: Command) -> argparse.ArgumentParser:
-    """The parser of one command; only this command's module is imported (keeps `--help` fast)."""
-    parser = argparse.ArgumentParser(prog=f"lmforge {' '.join(cmd.path)}",
-                                     description=f"{cmd.help}.\n\nexample:\n  {cmd.example}",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The parser of one command; only its config's module is imported (keeps `--help` fast)."""
+    parser = _Parser(prog=f"lmforge {' '.join(cmd.path)}", description=f"{cmd.help}.\n\nexample:\n  {cmd.example}",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
-    cfg_cls, _ = _resolve(cmd.target)
-    _add_config_options(parser, cfg_cls, cmd.positionals)
+    _add_config_options(parser, _import(cmd.config), cmd.positionals)
     return parser
 
 
 def run_command(cmd: Command, args: argparse.Namespace) -> Any:
-    cfg_cls, fn = _resolve(cmd.target)
     values = vars(args)
     overrides = {k[len("cfg:"):]: v for k, v in values.items() if k.startswith("cfg:")}
     for key in cmd.positionals:
         if values.get(f"_pos_{key}") is not None:
             overrides[key] = values[f"_pos_{key}"]
-    cfg = load_config(cfg_cls, values.get("config"), overrides)
-    return fn(cfg)
+    cfg = load_config(_import(cmd.config), values.get("config"), overrides)
+    return _import(cmd.run)(cfg)
+
+
+def _is_lead_process() -> bool:
+    """False on the ranks other than 0 of a torchrun job: one process speaks for all of them."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        from lmforge import __version__
+
+        print(f"lmforge {__version__}")
+        return 0
     cmd, rest = find_command(argv)
     if cmd is None:
         print(_overview(), file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"lmforge: error: unknown command '{' '.join(argv[:2])}'", file=sys.stderr)
+            close = difflib.get_close_matches(" ".join(argv[:2]), [" ".join(c.path) for c in COMMANDS], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            print(f"lmforge: error: unknown command '{' '.join(argv[:2])}'{hint}", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     args = build_parser(cmd).parse_args(rest)
+    name = f"lmforge {' '.join(cmd.path)}"
     try:
         run_command(cmd, args)
+    except Interrupted as exc:  # a stage that stopped cleanly on Ctrl-C or SIGTERM (checkpoint written)
+        if _is_lead_process():
+            print(f"{name}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 130
     except LmforgeError as exc:
         if args.traceback or os.environ.get("LMFORGE_TRACEBACK"):
             raise
-        message = " ".join(str(exc).split())  # one line, whatever the exception text holds
-        print(f"lmforge {' '.join(cmd.path)}: error: {message}", file=sys.stderr)
+        if _is_lead_process():
+            message = " ".join(str(exc).split())  # one line, whatever the exception text holds
+            print(f"{name}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lmforge: interrupted", file=sys.stderr)
+        if _is_lead_process():
+            print("lmforge: interrupted", file=sys.stderr)
         return 130
     return 0
 

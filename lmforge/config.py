@@ -76,6 +76,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str) and value.strip().startswith("["):  # a JSON list: ["alpha_words", "min_chars"]
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError(f"config key '{key}': {value!r} starts like a JSON list but is not one; give "
+                                  "comma-separated values or a JSON list of strings") from None
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
         if not isinstance(value, (list, tuple)):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from lmforge.errors import LmforgeError
+from lmforge.io import atomic_write_text
 
 def is_lmforge_dir(path: str | Path) -> bool:
     """True if `path` holds an lmforge model config.json (see lmforge.model.hf.is_hf_dir for the other kind)."""
@@ -21,9 +22,20 @@ def load(path: str | Path):
     from lmforge.model import Transformer
     from lmforge.model.hf import from_hf_dir
 
+    from lmforge.io import dir_kind
+
     path = Path(path)
     if not path.is_dir():
         raise LmforgeError(f"model dir {path}: not found")
+    kind = dir_kind(path)
+    if kind == "run dir":
+        checkpoints = sorted((path / "checkpoints").glob("step_*"), key=lambda p: p.name)
+        where = f"{path / 'final'}" if (path / "final").is_dir() else (
+            f"a checkpoint such as {checkpoints[-1]}" if checkpoints else f"{path / 'final'} once it has finished")
+        raise LmforgeError(f"{path} is a run dir, not a model dir: its trained model is {where}")
+    if kind in ("dataset dir", "tokenizer dir", "quickstart dir"):
+        hint = f"; the quickstart's model is {path / 'run' / 'final'}" if kind == "quickstart dir" else ""
+        raise LmforgeError(f"{path} is a {kind}, not a model dir{hint}")
     if not (path / "config.json").is_file():
         raise LmforgeError(f"model dir {path}: no config.json (expected an lmforge or Hugging Face model dir)")
     model = Transformer.from_dir(path) if is_lmforge_dir(path) else from_hf_dir(path)
@@ -34,7 +46,9 @@ def _write_hf_tokenizer_config(dst: Path, tokenizer: Any) -> None:
     """A tokenizer_config.json so that `transformers.AutoTokenizer.from_pretrained(dst)` works on an export."""
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     config.update({f"{role}_token": tokenizer.special_tokens[role] for role in ("bos", "eos", "pad")})
-    (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer.chat_template is not None:  # apply_chat_template then gives the ids lmforge uses
+        config["chat_template"] = tokenizer.chat_template
+    atomic_write_text(dst / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
 
 
 def _source_tokenizer(src: Path):
@@ -74,9 +88,13 @@ def convert(cfg: ConvertConfig) -> Path:
     if src.resolve() == dst.resolve():
         raise LmforgeError(f"convert: destination {dst} is the source; choose another dir")
     to = cfg.to if cfg.to != "auto" else ("hf" if is_lmforge_dir(src) else "lmforge")
-    check_replaceable_dir(dst, "config.json", "model dir")
+    check_replaceable_dir(dst, "config.json", "model dir", inputs=(str(src),))
     model = load(src)
     tokenizer = _source_tokenizer(src)
+    if not any((src / name).is_file() for name in ("tokenizer.json", "lmforge_tokenizer.json")):
+        print(f"convert: warning: {src} has no tokenizer files (tokenizer.json): {dst} holds the weights only, and "
+              "generate, chat and eval need a tokenizer; copy the model's tokenizer.json (and tokenizer_config.json) "
+              "into it")
     with atomic_path(dst) as tmp:
         if to == "hf":
             # the special token ids go into config.json, so that HF generate() stops at eos

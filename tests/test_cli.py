@@ -112,7 +112,75 @@ def test_convert_refuses_to_replace_a_dir_that_is_not_a_model(tmp_path, capsys):
     (run_dir / "metrics.jsonl").write_text("{}\n")
     assert main(["convert", str(path), str(run_dir), "--to", "hf"]) == 2
     err = capsys.readouterr().err
-    assert "exists and is not a model dir (no config.json)" in err and err.count("\n") == 1
+    assert "is a run dir, not a model dir" in err and err.count("\n") == 1
     assert (run_dir / "metrics.jsonl").read_text() == "{}\n"
     assert main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) == 0
     assert main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) == 0  # a model dir is replaced
+
+
+def test_options_are_never_prefix_matched_and_misspellings_suggest(capsys):
+    for argv, said in ((["pretrain", "--train.max_step", "10"], "unknown option --train.max_step (did you mean "
+                        "--train.max_steps?)"),
+                       (["pretrain", "--model.vocab", "10"], "unknown option --model.vocab (did you mean "
+                        "--model.vocab_size?)"),
+                       (["info", "a", "b"], "unexpected argument 'b'")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and said in err and err.count("\n") == 1, err
+    assert main(["pretrian"]) == 2
+    assert "did you mean 'pretrain'?" in capsys.readouterr().err
+
+
+def test_version_and_positional_model(capsys, tmp_path):
+    from lmforge import __version__
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"lmforge {__version__}"
+    from lmforge.cli import build_parser, find_command
+
+    cmd, rest = find_command(["generate", "runs/x/final", "--prompt", "hi"])
+    assert vars(build_parser(cmd).parse_args(rest))["_pos_model"] == "runs/x/final"
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from lmforge.cli import build_parser, find_command, COMMANDS\n"
+            "for c in COMMANDS:\n    build_parser(c)\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
+def test_a_run_dir_where_a_model_dir_is_expected_points_to_final(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "final").mkdir()
+    (run_dir / "config.json").write_text('{"out_dir": "run", "train": {}}')
+    for argv in (["info", str(run_dir)], ["generate", str(run_dir), "--prompt", "a"],
+                 ["convert", str(run_dir), str(tmp_path / "hf")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{run_dir} is a run dir, not a model dir: its trained model is {run_dir / 'final'}" in err, err
+
+
+def test_convert_never_replaces_the_run_dir_holding_its_source(tmp_path, capsys):
+    _, path = _tiny_model(tmp_path)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_1").mkdir(parents=True)
+    path.rename(run_dir / "final")
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    assert main(["convert", str(run_dir / "final"), str(run_dir), "--to", "hf"]) == 2
+    assert "holds this command's input" in capsys.readouterr().err
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+
+def test_convert_without_tokenizer_warns_and_files_follow_the_umask(tmp_path, capsys):
+    import os
+
+    _, path = _tiny_model(tmp_path)  # weights only, no tokenizer files
+    assert main(["convert", str(path), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert "has no tokenizer files" in capsys.readouterr().out
+    mask = os.umask(0)
+    os.umask(mask)
+    for model_dir in (path, tmp_path / "hf"):
+        assert (model_dir / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
