@@ -11,8 +11,12 @@ the seven characters, so documents and user messages can never inject control to
 to turn the exact strings into their ids (for trusted, templated text).
 
 Chat format (`lmforge-chat-v1`): each message is `<|role|>content<|end|>`, messages concatenated with nothing in
-between; `add_generation_prompt` appends `<|assistant|>`. `encode_chat` builds the ids with role tokens as
-specials and contents as plain text, the safe way to tokenize a conversation.
+between; `add_generation_prompt` appends `<|assistant|>`. The format is a Jinja template (`chat_template`), the
+same text an exported Hugging Face tokenizer_config.json carries, so `transformers`' `apply_chat_template` gives the
+same ids. `encode_chat` builds the ids with role tokens as specials and contents as plain text (a user cannot
+inject a role token); `encode_chat_with_mask` also marks the assistant tokens (what SFT trains on). A tokenizer
+imported from a Hugging Face dir keeps that model's own template (rendered with Jinja; its contents are then
+tokenized with special tokens recognized, as transformers does).
 
 A tokenizer dir holds `tokenizer.json` (HF format) and `lmforge_tokenizer.json` (special tokens, chat template,
 fingerprint = sha256 of the tokenizer.json bytes).
@@ -43,10 +47,29 @@ SPLIT_PATTERN = (
 _SPECIAL_NAMES = ["bos", "eos", "pad", "system", "user", "assistant", "end", *(f"reserved_{i}" for i in range(8))]
 DEFAULT_SPECIAL_TOKENS: dict[str, str] = {name: f"<|{name}|>" for name in _SPECIAL_NAMES}
 CHAT_ROLES = ("system", "user", "assistant")
-CHAT_TEMPLATE = (
+# The legacy description earlier tokenizer dirs carry in place of a template; they get the template below.
+_LEGACY_CHAT_TEMPLATE = (
     "lmforge-chat-v1: for each message '<|{role}|>' + content + '<|end|>' (roles system, user, assistant; "
     "nothing between messages); add_generation_prompt appends '<|assistant|>'"
 )
+
+
+def lmforge_chat_template(special_tokens: dict[str, str]) -> str:
+    """The lmforge-chat-v1 Jinja template over this tokenizer's role and end token strings."""
+    roles = ", ".join(f"'{role}': '{special_tokens[role]}'" for role in CHAT_ROLES)
+    return (
+        "{#- lmforge-chat-v1: <|role|>content<|end|> per message; the generation prompt is <|assistant|> -#}\n"
+        f"{{%- set role_tokens = {{{roles}}} -%}}\n"
+        "{%- for message in messages -%}\n"
+        "{%- if message['role'] not in role_tokens -%}"
+        "{{ raise_exception('chat roles are system, user and assistant, got ' + message['role']) }}{%- endif -%}\n"
+        f"{{{{ role_tokens[message['role']] + message['content'] + '{special_tokens['end']}' }}}}\n"
+        "{%- endfor -%}\n"
+        f"{{%- if add_generation_prompt -%}}{{{{ '{special_tokens['assistant']}' }}}}{{%- endif -%}}"
+    )
+
+
+CHAT_TEMPLATE = lmforge_chat_template(DEFAULT_SPECIAL_TOKENS)
 TOKENIZER_FILE = "tokenizer.json"
 LMFORGE_FILE = "lmforge_tokenizer.json"
 TOKENIZER_FILES = (TOKENIZER_FILE, LMFORGE_FILE)
@@ -65,11 +88,26 @@ def copy_tokenizer_files(src_dir: str | os.PathLike | None, dst_dir: str | os.Pa
     return copied
 
 
+def model_dir_tokenizer(directory: str | os.PathLike) -> Optional["Tokenizer"]:
+    """The tokenizer a model dir carries: its lmforge tokenizer files, else a Hugging Face tokenizer.json whose
+    special tokens resolve; None when it has neither."""
+    directory = Path(directory)
+    if (directory / LMFORGE_FILE).is_file():
+        return Tokenizer.load(directory)
+    if (directory / TOKENIZER_FILE).is_file():
+        try:
+            return Tokenizer.from_hf(directory)
+        except DataError:
+            return None
+    return None
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer with named special tokens; see the module docstring for the contract."""
 
-    def __init__(self, tokenizer_json: str, special_tokens: dict[str, str], chat_template: str = CHAT_TEMPLATE):
-        """Build from the text of a HF tokenizer.json and a name -> token map (must name bos, eos and pad)."""
+    def __init__(self, tokenizer_json: str, special_tokens: dict[str, str], chat_template: Optional[str] = None):
+        """Build from the text of a HF tokenizer.json and a name -> token map (must name bos, eos and pad);
+        chat_template is a Jinja chat template (None: lmforge-chat-v1 when the role tokens exist)."""
         missing = [name for name in ("bos", "eos", "pad") if name not in special_tokens]
         if missing:
             raise ConfigError(f"special_tokens: missing {', '.join(missing)} (got {', '.join(special_tokens)})")
@@ -78,7 +116,9 @@ class Tokenizer:
         self._hf_special = HFTokenizer.from_str(tokenizer_json)
         self._hf.encode_special_tokens = True  # special-token strings in text are tokenized as plain text
         self.special_tokens = dict(special_tokens)
-        self.chat_template = chat_template
+        if chat_template in (None, _LEGACY_CHAT_TEMPLATE) and {*CHAT_ROLES, "end"} <= self.special_tokens.keys():
+            chat_template = lmforge_chat_template(self.special_tokens)
+        self.chat_template: Optional[str] = chat_template if chat_template != _LEGACY_CHAT_TEMPLATE else None
         self.special_ids: dict[str, int] = {}
         for name, token in self.special_tokens.items():
             token_id = self._hf.token_to_id(token)
@@ -127,7 +167,7 @@ class Tokenizer:
         if not isinstance(special, dict) or not {"bos", "eos", "pad"} <= special.keys():
             raise DataError(f"{meta_path}: expected an object with 'special_tokens' naming bos, eos and pad")
         tokenizer = cls(_checked_hf_json(tokenizer_json, directory / TOKENIZER_FILE), special,
-                        meta.get("chat_template", CHAT_TEMPLATE))
+                        meta.get("chat_template"))
         if meta.get("fingerprint") not in (None, tokenizer.fingerprint):
             raise TokenizerMismatchError(f"{meta_path}: fingerprint does not match {directory / TOKENIZER_FILE} "
                                          "(tokenizer.json was changed after it was saved)")
@@ -162,7 +202,10 @@ class Tokenizer:
                             "none of <|endoftext|>, </s>, <|eos|>, <eos> in the vocabulary)")
         special.setdefault("bos", special["eos"])
         special.setdefault("pad", special["eos"])
-        return cls(text, special)
+        for name in (*CHAT_ROLES, "end"):  # lmforge's chat tokens, in an exported lmforge model
+            if DEFAULT_SPECIAL_TOKENS[name] in vocab:
+                special.setdefault(name, DEFAULT_SPECIAL_TOKENS[name])
+        return cls(text, special, hf_chat_template(file.parent, config))
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.json and lmforge_tokenizer.json into `directory`, each atomically."""
@@ -239,26 +282,69 @@ class Tokenizer:
 
     # ---- chat ------------------------------------------------------------------------------------------------
 
+    @property
+    def chat_stop_ids(self) -> list[int]:
+        """Ids that end an assistant turn when generating: <|end|> (lmforge-chat-v1) and eos."""
+        ids = [self.special_ids["end"]] if "end" in self.special_ids else []
+        return ids + [self.eos_id] if self.eos_id not in ids else ids
+
+    @property
+    def uses_lmforge_chat(self) -> bool:
+        return {*CHAT_ROLES, "end"} <= self.special_tokens.keys() and \
+            self.chat_template == lmforge_chat_template(self.special_tokens)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation as text in the `lmforge-chat-v1` format (encode it with allow_special=True)."""
-        parts = [self.special_tokens[role] + content + self.special_tokens["end"]
-                 for role, content in self._checked_messages(messages)]
-        if add_generation_prompt:
-            parts.append(self.special_tokens["assistant"])
-        return "".join(parts)
+        """The conversation as text, rendered by the chat template (encode it with allow_special=True)."""
+        messages = [{"role": role, "content": content} for role, content in self._checked_messages(messages)]
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, self.special_tokens)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Ids of `apply_chat_template(messages)`, with role tokens as specials and contents as plain text."""
-        ids: list[int] = []
-        for role, content in self._checked_messages(messages):
-            ids += [self.special_ids[role], *self.encode(content), self.special_ids["end"]]
-        if add_generation_prompt:
-            ids.append(self.special_ids["assistant"])
-        return ids
+        """Ids of `apply_chat_template(messages)`: for lmforge-chat-v1, role tokens as specials and contents as
+        plain text (so a special-token string inside a message stays text)."""
+        return self.encode_chat_with_mask(messages, add_generation_prompt)[0]
+
+    def encode_chat_with_mask(self, messages: list[dict], add_generation_prompt: bool = False
+                              ) -> tuple[list[int], list[bool]]:
+        """(ids, mask): mask is True on the tokens of every assistant turn, its content and the token(s) that end
+        it (what a chat model learns to produce), False on the rest (system and user turns, role tokens)."""
+        checked = self._checked_messages(messages)
+        if self.uses_lmforge_chat:
+            ids: list[int] = []
+            mask: list[bool] = []
+            for role, content in checked:
+                body = [*self.encode(content), self.special_ids["end"]]
+                ids += [self.special_ids[role], *body]
+                mask += [False] + [role == "assistant"] * len(body)
+            if add_generation_prompt:
+                ids.append(self.special_ids["assistant"])
+                mask.append(False)
+            return ids, mask
+        return self._encode_rendered_chat(checked, add_generation_prompt)
+
+    def _encode_rendered_chat(self, checked: list[tuple[str, str]], add_generation_prompt: bool
+                              ) -> tuple[list[int], list[bool]]:
+        """A foreign template: render, tokenize with special tokens recognized, and find each assistant turn as the
+        text between the conversation rendered up to its generation prompt and rendered through the turn."""
+        messages = [{"role": role, "content": content} for role, content in checked]
+        render = lambda upto, prompt: render_chat_template(  # noqa: E731
+            self.chat_template, messages[:upto], prompt, self.special_tokens)
+        text = render(len(messages), add_generation_prompt)
+        spans = []
+        for i, (role, _) in enumerate(checked):
+            if role != "assistant":
+                continue
+            before, through = render(i, True), render(i + 1, False)
+            if not (text.startswith(through) and through.startswith(before)):
+                raise TokenizerMismatchError("the chat template does not render a conversation as the sum of its "
+                                             "turns; cannot tell which tokens are the assistant's")
+            spans.append((len(before), len(through)))
+        encoding = self._hf_special.encode(text, add_special_tokens=False)
+        mask = [any(start <= lo < end for start, end in spans) for lo, _ in encoding.offsets]
+        return list(encoding.ids), mask
 
     def _checked_messages(self, messages: list[dict]) -> list[tuple[str, str]]:
-        missing = [name for name in (*CHAT_ROLES, "end") if name not in self.special_tokens]
-        if missing:
+        if self.chat_template is None:
+            missing = [name for name in (*CHAT_ROLES, "end") if name not in self.special_tokens]
             raise TokenizerMismatchError(f"chat template needs special tokens {', '.join(missing)}, which this "
                                          "tokenizer lacks")
         checked = []
@@ -270,6 +356,39 @@ class Tokenizer:
                                 f"got {message!r}"[:300])
             checked.append((role, content))
         return checked
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool,
+                         special_tokens: dict[str, str]) -> str:
+    """Render a Hugging Face style Jinja chat template the way transformers does (sandboxed, trim_blocks,
+    lstrip_blocks, `raise_exception`, the special tokens as `bos_token`, `eos_token`, ...)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise DataError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        compiled = env.from_string(template)
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               **{f"{name}_token": token for name, token in special_tokens.items()})
+    except TemplateError as exc:
+        raise DataError(f"chat template: cannot render it ({exc})".splitlines()[0]) from None
+
+
+def hf_chat_template(directory: Path, config: object) -> Optional[str]:
+    """A Hugging Face dir's chat template: chat_template.jinja, else tokenizer_config.json's chat_template (a
+    string, or a list of named templates of which 'default' is taken)."""
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        return _read_text(jinja_file)
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def _is_valid(text: object) -> bool:
