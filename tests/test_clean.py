@@ -104,3 +104,28 @@ def test_switches_off_normalization_and_pii() -> None:
 def test_unknown_filter_name_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="unknown filter 'typo'"):
         build_config(CleanConfig, {"disable": "typo"})
+
+
+def test_disable_help_lists_every_filter_name() -> None:
+    from lmforge.config import flat_fields
+    from lmforge.data.prepare import DataConfig
+
+    help_text = {key: comment for key, _, _, comment in flat_fields(DataConfig)}["clean.disable"]
+    assert "[" not in help_text  # no JSON-looking example the option would not take
+    assert help_text.split(": ", 1)[1].split(", ") == list(FILTERS)
+
+
+def test_disable_takes_comma_separated_names_and_suggests_the_closest(capsys: pytest.CaptureFixture) -> None:
+    from lmforge.cli import main
+
+    assert CleanConfig(disable=["min_chars, alpha_words", "max_words"]).disable == ["min_chars", "alpha_words",
+                                                                                    "max_words"]
+    with pytest.raises(ConfigError) as error:
+        build_config(CleanConfig, {"disable": ["min_chars", "alpha_word"]})
+    message = str(error.value)
+    assert "unknown filter 'alpha_word'" in message and message.endswith("did you mean alpha_words?)")
+    assert all(name in message for name in FILTERS)
+    assert main(["data", "prepare", "--sources", "kjv", "--out_dir", "x", "--clean.disable", "min_chars,alpha_words",
+                 "--clean.disable", "typo"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "unknown filter 'typo'" in err  # the comma-separated names were taken

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +59,34 @@ def test_sources_from_config_dict_and_cli_list() -> None:
     cfg = build_config(DataConfig, {"sources": [{"path": "c.parquet", "field": "content", "weight": 0.5}]})
     assert cfg.sources[0].field == "content" and cfg.sources[0].weight == 0.5
 
+
+
+def test_sources_help_shows_the_spec_format_keys_and_corpora() -> None:
+    from lmforge.config import flat_fields
+    from lmforge.data.corpora import CORPORA
+    from lmforge.data.sources import _OPTION_TYPES
+
+    help_text = {key: comment for key, _, _, comment in flat_fields(DataConfig)}["sources"]
+    assert help_text.startswith("PATH_OR_CORPUS[:WEIGHT][:key=value]...") and "SourceConfig" not in help_text
+    keys = help_text.split("keys: ", 1)[1].split(";", 1)[0].split(", ")
+    corpora = help_text.split("corpora: ", 1)[1].split(", ")
+    assert keys == list(_OPTION_TYPES) and corpora == list(CORPORA)
+
+
+def test_misspelt_source_option_and_corpus_name_suggest_the_closest(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        SourceConfig.from_str("wordnet:wieght=2")
+    assert str(error.value) == ("source 'wordnet:wieght=2': unknown option 'wieght' (known: weight, name, kind, "
+                                "field, max_documents, split; did you mean weight?)")
+    with pytest.raises(ConfigError, match=r"unknown corpus 'wordnt' \(built-in corpora: .*; did you mean wordnet\?\)"):
+        SourceConfig.from_str("wordnt:kind=corpus")
+    with pytest.raises(DataError) as error:
+        SourceConfig("wordnt").check()
+    assert str(error.value) == ("unknown source 'wordnt': no such file or directory, and not a built-in corpus "
+                                "(built-in: wordnet, kjv, gcide, pydocs, stdlib-docstrings; did you mean wordnet?)")
+    for path in ("wordnt.txt", str(tmp_path / "wordnt")):  # a file suffix or a '/': plainly a path
+        with pytest.raises(DataError, match=r"wordnt(\.txt)?: no such file or directory$"):
+            SourceConfig(path).check()
 
 def test_text_file_paragraphs_dir_and_glob(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
@@ -276,3 +309,59 @@ def test_mixture_draw_is_made_for_every_document_read(prepared) -> None:
     draws = [sampler.copies() for _ in range(42)]  # 40 documents, then x_dup.txt and x_short.txt (removed)
     expected = sum(d for d, t in zip(draws, texts_a) if _split_of(t, 0.2) == "train")
     assert meta["sources"]["a"]["train_documents"] == expected
+
+
+def _process_group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process of group `pgid` remains (read from /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wait_for", ["build dir", "first spooled document"])
+def test_ctrl_c_stops_cleanly(tmp_path: Path, wait_for: str) -> None:
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while worker processes clean documents:
+    one line on stderr, exit code 130, workers gone, no temp dir, the existing dataset untouched."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = fixture_texts(20_000, seed=11)  # about 8 s of work on 2 cores
+    for i in range(4):
+        (corpus / f"part_{i}.txt").write_text("\n\n".join(texts[i::4]) + "\n", encoding="utf-8")
+    out = tmp_path / "ds"
+    out.mkdir()
+    existing = {"meta.json": b"{}", "train_000000.bin": b"\x01\x02"}  # an earlier dataset: must survive as it is
+    for name, data in existing.items():
+        (out / name).write_bytes(data)
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "data", "prepare", "--sources",
+                             f"{corpus}:split=paragraph", "--out_dir", str(out), "--vocab_size", "300",
+                             "--num_workers", "2"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    build_dir = tmp_path / f".ds.tmp-{proc.pid}"
+    started = build_dir if wait_for == "build dir" else build_dir / "spool" / "train_0.bin"
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, f"{started} never appeared"
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # hung: do not leave it running
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and len(stderr.splitlines()) <= 2, stderr
+    assert "interrupted" in stderr
+    deadline = time.monotonic() + 10
+    while _process_group_alive(proc.pid):  # the workers, too, are gone
+        assert time.monotonic() < deadline, "worker processes outlived the interrupted run"
+        time.sleep(0.05)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".ds")]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == existing

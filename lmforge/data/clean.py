@@ -32,6 +32,7 @@ The quality heuristics assume space-separated scripts; disable mean_word_length 
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import unicodedata
@@ -51,7 +52,7 @@ class CleanConfig:
 
     normalize: bool = True  # NFC, newlines, control and space characters, trailing and blank-line whitespace
     scrub_pii: bool = True  # replace e-mail addresses, phone numbers and IPs by <EMAIL>, <PHONE>, <IP>
-    disable: list[str] = field(default_factory=list)  # filter names to switch off, e.g. ["alpha_words"]
+    disable: list[str] = field(default_factory=list)  # filters to switch off, comma-separated: min_chars, max_chars, min_words, max_words, symbol_ratio, ellipsis_lines, alpha_words, mean_word_length, duplicate_lines, repeated_ngrams
     min_chars: int = 10  # drop documents shorter than this many characters
     max_chars: int = 1_000_000  # 0 = no bound
     min_words: int = 2  # drop documents with fewer words
@@ -67,9 +68,13 @@ class CleanConfig:
     max_repeated_ngram_fraction: float = 0.4  # Gopher: 0.15; the KJV's formulaic verses need more room
 
     def __post_init__(self) -> None:
+        # `--clean.disable a,b` arrives as one string when the option is repeated: split each entry on commas.
+        self.disable = [name.strip() for entry in self.disable for name in entry.split(",") if name.strip()]
         unknown = [name for name in self.disable if name not in FILTERS]
         if unknown:
-            raise ValueError(f"disable: unknown filter {unknown[0]!r} (filters: {', '.join(FILTERS)})")
+            close = difflib.get_close_matches(unknown[0], FILTERS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ValueError(f"disable: unknown filter {unknown[0]!r} (filters: {', '.join(FILTERS)}{hint})")
         if self.repeated_ngram_size < 1:
             raise ValueError(f"repeated_ngram_size must be >= 1, got {self.repeated_ngram_size}")
 

@@ -27,9 +27,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import signal
 import struct
+import threading
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
@@ -57,7 +60,7 @@ SAMPLES_PER_SOURCE = 5
 class DataConfig:
     """Everything `prepare_dataset` needs (the `lmforge data prepare` options)."""
 
-    sources: list[SourceConfig] = field(default_factory=list)  # CLI: comma-separated SourceConfig.from_str specs
+    sources: list[SourceConfig] = field(default_factory=list)  # PATH_OR_CORPUS[:WEIGHT][:key=value]..., comma-separated; keys: weight, name, kind, field, max_documents, split; corpora: wordnet, kjv, gcide, pydocs, stdlib-docstrings
     out_dir: str = ""  # the dataset dir to write (replaced atomically if it exists)
     tokenizer: Optional[str] = None  # tokenizer dir; None = train a byte-level BPE on the train split
     vocab_size: int = 4096  # size of the tokenizer trained when `tokenizer` is None
@@ -249,6 +252,7 @@ _worker_task: Optional[Callable[[Any], Any]] = None  # set once per worker proce
 
 def _init_worker(task: Callable[[Any], Any]) -> None:
     global _worker_task
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (see _sigint_ignored)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
     _worker_task = task
 
@@ -258,25 +262,51 @@ def _run_worker(item: Any) -> Any:
     return _worker_task(item)
 
 
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT in this process while worker processes are started, so that they start ignoring it.
+
+    A terminal's Ctrl-C reaches every process of the group. A worker that raised KeyboardInterrupt would print its
+    traceback, and one that died holding a pool lock would hang Pool.terminate. A process spawned while SIGINT is
+    ignored keeps it ignored (Python installs its KeyboardInterrupt handler only over the default), which covers
+    the second or so of imports before the pool initializer runs; the initializer ignores it again for workers
+    the pool starts later. A Ctrl-C in the few milliseconds of starting the processes is lost."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _ordered_map(task: Callable[[Any], Any], items: Iterable[Any], workers: int,
                  threads: bool = False) -> Iterator[Any]:
     """task(item) for each item, in order; when workers > 1, in `workers` threads (for a task that releases the
-    GIL; at most 2 items in flight per thread) or else spawned processes."""
+    GIL; at most 2 items in flight per thread) or else spawned processes. Close the iterator (`closing`) to stop
+    the workers at once on an error or Ctrl-C in the consumer: processes are terminated, queued items dropped."""
     if workers <= 1:
         yield from map(task, items)
         return
     if threads:
         with ThreadPoolExecutor(workers) as executor:
             pending: deque = deque()
-            for item in items:
-                pending.append(executor.submit(task, item))
-                if len(pending) >= 2 * workers:
+            try:
+                for item in items:
+                    pending.append(executor.submit(task, item))
+                    if len(pending) >= 2 * workers:
+                        yield pending.popleft().result()
+                while pending:
                     yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+            finally:
+                for future in pending:  # left only on an early exit: do not wait for queued batches
+                    future.cancel()
         return
     # spawn, not fork: a forked child of a process whose tokenizers/torch threads are running can deadlock.
-    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (task,)) as pool:
+    with _sigint_ignored():
+        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (task,))
+    with pool:  # leaving it, normally or not, terminates the workers
         yield from pool.imap(_run_worker, items)
 
 
@@ -294,26 +324,27 @@ def _collect(cfg: DataConfig, spool: _Spool, workers: int) -> tuple[
     samplers = [SourceSampler(s.weight, cfg.seed, s.name) for s in cfg.sources]
     dedup = Deduplicator(cfg.dedup)
     samples: dict[int, list[str]] = {i: [] for i in range(len(cfg.sources))}
-    for source_index, results in _ordered_map(_CleanTask(cfg.clean, cfg.dedup, cfg.val_fraction), _batches(cfg),
-                                              workers):
-        st = stats[source_index]
-        for raw_bytes, cleaned, fp, split in results:
-            st.documents += 1
-            st.bytes += raw_bytes
-            # Drawn for every document read, so a source's draws do not depend on cleaning, dedup or the split.
-            copies = samplers[source_index].copies()
-            removed_by = cleaned.removed_by or dedup.check(fp)
-            if removed_by:
-                st.removed[removed_by] += 1
-                continue
-            st.kept_documents += 1
-            if len(samples[source_index]) < SAMPLES_PER_SOURCE:
-                samples[source_index].append(cleaned.text)
-            if split == "val":
-                copies = 1
-            for copy in range(copies):
-                spool.write(split, copy, source_index, cleaned.text)
-            st.split_documents[split] += copies
+    cleaned_batches = _ordered_map(_CleanTask(cfg.clean, cfg.dedup, cfg.val_fraction), _batches(cfg), workers)
+    with closing(cleaned_batches):  # an error or Ctrl-C below stops the workers before the build dir is removed
+        for source_index, results in cleaned_batches:
+            st = stats[source_index]
+            for raw_bytes, cleaned, fp, split in results:
+                st.documents += 1
+                st.bytes += raw_bytes
+                # Drawn for every document read: a source's draws do not depend on cleaning, dedup or the split.
+                copies = samplers[source_index].copies()
+                removed_by = cleaned.removed_by or dedup.check(fp)
+                if removed_by:
+                    st.removed[removed_by] += 1
+                    continue
+                st.kept_documents += 1
+                if len(samples[source_index]) < SAMPLES_PER_SOURCE:
+                    samples[source_index].append(cleaned.text)
+                if split == "val":
+                    copies = 1
+                for copy in range(copies):
+                    spool.write(split, copy, source_index, cleaned.text)
+                st.split_documents[split] += copies
     filters = {name: sum(st.removed[name] for st in stats) for name in FILTERS}
     dedup_removed = dict(dedup.removed)
     kept = sum(st.kept_documents for st in stats)
@@ -371,12 +402,14 @@ def _write_split(cfg: DataConfig, split: str, spool: _Spool, build_dir: Path, vo
     writer = ShardWriter(build_dir, split, vocab_size, cfg.shard_tokens)
     documents = text_bytes = 0
     batches = _chunks(spool.read(split), cfg.batch_documents)
-    for sources, lengths, num_bytes, ids in _ordered_map(task, batches, workers, threads=task.fast is not None):
-        writer.write(ids)
-        for source_index in np.unique(sources):
-            stats[source_index].split_tokens[split] += int(lengths[sources == source_index].sum())
-        documents += len(lengths)
-        text_bytes += num_bytes
+    encoded_batches = _ordered_map(task, batches, workers, threads=task.fast is not None)
+    with closing(encoded_batches):
+        for sources, lengths, num_bytes, ids in encoded_batches:
+            writer.write(ids)
+            for source_index in np.unique(sources):
+                stats[source_index].split_tokens[split] += int(lengths[sources == source_index].sum())
+            documents += len(lengths)
+            text_bytes += num_bytes
     return {"shards": writer.close(), "tokens": writer.tokens, "documents": documents, "bytes": text_bytes}
 
 

@@ -19,13 +19,14 @@ Reading rules:
 
 from __future__ import annotations
 
+import difflib
 import glob
 import json
 import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
 from lmforge.data.corpora import CORPORA, Document, iter_corpus
 from lmforge.errors import ConfigError, DataError
@@ -67,7 +68,8 @@ class SourceConfig:
         if self.kind == "auto" and self.path in CORPORA and not os.path.exists(self.path):
             self.kind = "corpus"
         if self.kind == "corpus" and self.path not in CORPORA:
-            raise ValueError(f"unknown corpus '{self.path}' (built-in corpora: {', '.join(CORPORA)})")
+            raise ValueError(f"unknown corpus '{self.path}' "
+                             f"(built-in corpora: {', '.join(CORPORA)}{_did_you_mean(self.path, CORPORA)})")
         if not self.name:
             self.name = self.path
 
@@ -85,8 +87,8 @@ class SourceConfig:
             if not sep:
                 key, value = "weight", option
             if key not in _OPTION_TYPES:
-                known = ", ".join(_OPTION_TYPES)
-                raise ConfigError(f"source '{spec}': unknown option '{key}' (known: weight, {known})")
+                raise ConfigError(f"source '{spec}': unknown option '{key}' "
+                                  f"(known: {', '.join(_OPTION_TYPES)}{_did_you_mean(key, _OPTION_TYPES)})")
             try:
                 kwargs[key] = _OPTION_TYPES[key](value)
             except ValueError:
@@ -124,7 +126,13 @@ class SourceConfig:
                 yield from read_text(path, paragraphs=self.split == "paragraph")
 
 
-_OPTION_TYPES = {"name": str, "kind": str, "field": str, "weight": float, "max_documents": int, "split": str}
+_OPTION_TYPES = {"weight": float, "name": str, "kind": str, "field": str, "max_documents": int, "split": str}
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """'; did you mean X?' for the choice closest to `word`, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _kind_of(path: Path) -> SourceKind:
@@ -148,6 +156,9 @@ def _files(source: SourceConfig) -> list[Path]:
         if not files:
             raise DataError(f"{_label(source)}directory {path} holds no files")
         return files
+    if source.kind == "auto" and "/" not in source.path and not path.suffix:  # a bare name: a misspelt corpus?
+        raise DataError(f"{_label(source)}unknown source '{source.path}': no such file or directory, and not a "
+                        f"built-in corpus (built-in: {', '.join(CORPORA)}{_did_you_mean(source.path, CORPORA)})")
     raise DataError(f"{_label(source)}{path}: no such file or directory")
 
 
