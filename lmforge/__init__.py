@@ -19,7 +19,7 @@ _LAZY = {
     "Tokenizer": ("lmforge.tokenizer", "Tokenizer"),
     "Transformer": ("lmforge.model.transformer", "Transformer"),
     "ModelConfig": ("lmforge.model.config", "ModelConfig"),
-    "GenerationConfig": ("lmforge.infer.generate", "GenerationConfig"),
+    "GenerationConfig": ("lmforge.infer.config", "GenerationConfig"),
 }
 
 

@@ -44,7 +44,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(("pretrain",), "lmforge.train.config:PretrainConfig", "lmforge.stages.pretrain:pretrain",
             "pretrain a decoder-only transformer on a dataset dir (resumable; DDP under torchrun)",
             "lmforge pretrain --data.dataset data/wn --model.n_layer 4 --train.max_steps 500 --out_dir runs/wn"),
-    Command(("generate",), "lmforge.infer.generate:GenerateConfig", "lmforge.infer.generate:run_generate",
+    Command(("generate",), "lmforge.infer.config:GenerateConfig", "lmforge.infer.generate:run_generate",
             "generate text from a model dir (lmforge or Hugging Face) with a KV cache and sampling",
             "lmforge generate runs/wn/final --prompt 'a dog is' --max_new_tokens 40 --temperature 0.8",
             positionals=("model",)),

@@ -3,6 +3,8 @@
 from types import SimpleNamespace
 
 import pytest
+
+from lmforge.errors import ConfigError
 import torch
 import torch.nn.functional as F
 
@@ -113,6 +115,29 @@ def test_eos_ends_a_row_and_others_continue(model):
     assert out[0].token_ids[-1] == eos_id and len(out[0].token_ids) <= 3
 
 
+def test_model_generate_takes_transformers_keyword_arguments(model):
+    prompts = [[5, 6, 7], [9, 1]]
+    reference = generate(model, prompts, GenerationConfig(max_new_tokens=6, temperature=0))
+    for kwargs in ({"max_new_tokens": 6, "do_sample": False}, {"max_new_tokens": 6, "temperature": 0.0}):
+        assert [c.token_ids for c in model.generate(input_ids=prompts, **kwargs)] == \
+            [c.token_ids for c in reference]
+    sampled = model.generate(prompts, max_new_tokens=6, do_sample=True, top_p=0.9, seed=3)
+    assert [c.token_ids for c in sampled] == [c.token_ids for c in model.generate(
+        prompts, GenerationConfig(max_new_tokens=6, top_p=0.9, seed=3))]
+    with pytest.raises(ConfigError, match="unknown keyword argument.*num_beams"):
+        model.generate(prompts, num_beams=4)
+
+
+def test_several_stop_ids_end_a_row(model):
+    free = generate(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=8, temperature=0))[0].token_ids
+    first, third = free[0], free[2]
+    for stop in ([third, first], (first,)):
+        cut = model.generate([[5, 6, 7]], max_new_tokens=8, do_sample=False, eos_token_id=stop)[0]
+        assert cut.finish_reason == "eos" and cut.token_ids == free[:1]
+    later = generate(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=8, temperature=0), eos_id=[third])[0]
+    assert later.token_ids == free[:free.index(third) + 1]
+
+
 def test_repetition_penalty_avoids_seen_tokens_but_not_padding(model):
     prompt = [10, 20, 30, 40]
     cfg = GenerationConfig(max_new_tokens=15, repetition_penalty=1e6, **GREEDY)
@@ -195,16 +220,85 @@ def test_greedy_matches_transformers_generate(family):
     assert [c.token_ids for c in ours] == [_hf_greedy(hf_model, p, 12) for p in prompts]
 
 
-def test_run_generate_prints_batched_and_streamed_completions(model_dir, capsys):
+def test_run_generate_prints_each_prompt_with_its_continuation_and_ending(model_dir, capsys):
+    from lmforge import load
     from lmforge.infer.generate import GenerateConfig, run_generate
+    from lmforge.tokenizer import Tokenizer
 
-    cfg = GenerateConfig(model=str(model_dir), prompt=["the cat", "a dog is"], max_new_tokens=6, temperature=0.0,
-                         device="cpu")
+    prompts = ["the cat", "a dog is"]
+    cfg = GenerateConfig(model=str(model_dir), prompt=prompts, max_new_tokens=6, temperature=0.0, device="cpu")
     texts = run_generate(cfg)
-    assert len(texts) == 2 and capsys.readouterr().out == "".join(t + "\n" for t in texts)
-    streamed = run_generate(GenerateConfig(model=str(model_dir), prompt=["the cat"], max_new_tokens=6,
+    completions = generate(load(model_dir), prompts, cfg, Tokenizer.load(model_dir))
+    assert texts == [c.text for c in completions]
+    assert capsys.readouterr().out == "".join(
+        f"=== {row + 1}/2 ===\n{prompt}{c.text}\n[{c.finish_reason}, {len(c.token_ids)} tokens]\n"
+        for row, (prompt, c) in enumerate(zip(prompts, completions)))
+    streamed = run_generate(GenerateConfig(model=str(model_dir), prompt=prompts[:1], max_new_tokens=6,
                                            temperature=0.0, stream=True, device="cpu"))
-    assert streamed == texts[:1] and capsys.readouterr().out == texts[0] + "\n"
+    c = completions[0]
+    assert streamed == texts[:1]  # one prompt: no header line
+    assert capsys.readouterr().out == f"the cat{c.text}\n[{c.finish_reason}, {len(c.token_ids)} tokens]\n"
+
+
+def test_cli_streams_several_prompts_one_after_another(model_dir, capsys, monkeypatch):
+    import sys
+
+    from lmforge.cli import main
+
+    args = ["generate", "--model", str(model_dir), "--prompt", "the cat", "--prompt", "a dog is", "--prompt", "héllo",
+            "--max_new_tokens", "8", "--temperature", "0"]
+    assert main(args) == 0
+    batched = capsys.readouterr().out
+    writes: list[str] = []
+    write = sys.stdout.write
+    monkeypatch.setattr(sys.stdout, "write", lambda text: writes.append(text) or write(text))
+    assert main(args + ["--stream"]) == 0
+    assert capsys.readouterr().out == batched  # greedy: the same rows, printed the same way
+    starts = [i for i, text in enumerate(writes) if text.startswith("=== ")] + [len(writes)]
+    assert len(starts) == 4 and starts[0] == 0
+    for start, end in zip(starts, starts[1:]):  # each row: header and prompt, then its text piece by piece
+        assert end - start >= 4, writes[start:end]
+
+
+def _scripted_cli(monkeypatch, tmp_path, texts: list[str], eos_after: dict[int, int] | None = None) -> list[str]:
+    """CLI arguments for `lmforge generate` on a ScriptedModel continuing `texts` (patched in as the model dir's)."""
+    import lmforge.convert
+    from lmforge.tokenizer import Tokenizer
+
+    tok = ByteTokenizer()
+    model = scripted(texts, tok, eos_after)
+    monkeypatch.setattr(lmforge.convert, "load", lambda path: model)
+    monkeypatch.setattr(Tokenizer, "load", lambda *args, **kwargs: tok)
+    (tmp_path / "lmforge_tokenizer.json").write_text("{}")
+    return ["generate", "--model", str(tmp_path), "--device", "cpu", "--temperature", "0", "--max_new_tokens", "17"]
+
+
+@pytest.mark.parametrize("script, eos_after, stop, expected", [
+    ("ab:hello world", {0: 8}, [], "ab:hello\n[eos, 6 tokens]\n"),
+    ("ab:one;two", None, [";", "two"], "ab:one\n[stop string ';', 4 tokens]\n"),
+    ("ab:line one\nline two and more", None, [], "ab:line one\nline two\n[length, 17 tokens]\n"),
+    ("ab:x and more", {0: 3}, [], "ab:\n[eos, 1 token]\n"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_cli_generate_says_why_each_row_ended(monkeypatch, tmp_path, capsys, script, eos_after, stop, expected,
+                                              stream):
+    args = _scripted_cli(monkeypatch, tmp_path, [script], eos_after) + ["--prompt", "ab:"]
+    args += [f"--stop={s}" for s in stop] + (["--stream"] if stream else [])
+    from lmforge.cli import main
+
+    assert main(args) == 0
+    assert capsys.readouterr().out == expected
+
+
+def test_cli_generate_several_rows_with_headers(monkeypatch, tmp_path, capsys):
+    from lmforge.cli import main
+
+    args = _scripted_cli(monkeypatch, tmp_path, ["ab:hello world", "x:one;two", "q:line one\nline two and more"],
+                         eos_after={0: 8})
+    assert main(args + ["--prompt", "ab:", "--prompt", "x:", "--prompt", "q:", "--stop", ";"]) == 0
+    assert capsys.readouterr().out == ("=== 1/3 ===\nab:hello\n[eos, 6 tokens]\n"
+                                       "=== 2/3 ===\nx:one\n[stop string ';', 4 tokens]\n"
+                                       "=== 3/3 ===\nq:line one\nline two\n[length, 17 tokens]\n")
 
 
 def test_cli_generate_and_tokenizer_mismatch(model_dir, tmp_path, capsys):

@@ -17,48 +17,16 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, Generator, Iterator, Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from lmforge.errors import ConfigError, LmforgeError, PromptTooLongError, TokenizerMismatchError
+from lmforge.infer.config import GenerateConfig, GenerationConfig
 from lmforge.infer.sampling import sample_next, token_presence
 
 Prompts = Union[Tensor, Sequence[Sequence[int]], Sequence[str], str]
-
-
-@dataclass
-class GenerationConfig:
-    """How to pick tokens and when to stop. The filters apply in this order: repetition penalty, temperature,
-    top-k, top-p (see lmforge.infer.sampling). max_new_tokens is clamped so that prompt + new tokens fit the
-    model's block_size; a prompt that leaves no room at all raises PromptTooLongError."""
-
-    max_new_tokens: int = 64
-    temperature: float = 1.0  # 0 -> greedy (argmax)
-    top_k: int = 0  # keep the k most likely tokens; 0 = off
-    top_p: float = 1.0  # nucleus: keep the most likely tokens up to this probability mass; 1.0 = off
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output; 1.0 = off
-    stop: list[str] = field(default_factory=list)  # end a row when its text contains one (cut from the text)
-    seed: Optional[int] = None  # seeds a private generator: the same seed gives the same samples
-    use_cache: bool = True  # False recomputes the whole sequence every step (slow; a reference for tests)
-    # compile: 1.6-2.1x the tokens/s of eager decoding, after 30-100 s of compiling per model, batch size and cache
-    # length (cached on disk: a later run with the same model loads it in about 0.4 s)
-    compile: bool = False  # CPU: decode through a step compiled ahead of time (lmforge.infer.compiled)
-    eos: bool = True  # end a row at the eos token (the tokenizer's, or generate's eos_id)
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens", "at least 1"),
-            (self.temperature >= 0, "temperature", ">= 0 (0 is greedy)"),
-            (self.top_k >= 0, "top_k", ">= 0 (0 is off)"),
-            (0 < self.top_p <= 1, "top_p", "in (0, 1] (1 is off)"),
-            (self.repetition_penalty > 0, "repetition_penalty", "> 0 (1 is off)"),
-            (all(self.stop), "stop", "non-empty strings"),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ConfigError(f"generation {name}={getattr(self, name)!r}: expected {expected}")
 
 
 @dataclass
@@ -230,20 +198,22 @@ class _TextStream:
         return self._show(len(self.text))
 
 
-def _push_row(stream: _TextStream, token_id: int, eos_id: Optional[int]) -> tuple[str, bool]:
+def _push_row(stream: _TextStream, token_id: int, stop_ids: tuple[int, ...]) -> tuple[str, bool]:
     """One new token of a row: (the text it makes printable, whether the row has ended: eos or a stop string)."""
-    if token_id == eos_id:
+    if token_id in stop_ids:
         return "", True
     delta = stream.push(token_id)
     return delta, stream.stopped
 
 
-def _completion(ids: list[int], eos_id: Optional[int], stream: Optional[_TextStream], tokenizer: Any) -> Completion:
+def _completion(ids: list[int], stop_ids: tuple[int, ...], stream: Optional[_TextStream],
+                tokenizer: Any) -> Completion:
     """Cut a row's tokens after the step that ended it and name why it ended."""
+    ended_at = next((i for i, token in enumerate(ids) if token in stop_ids), None)
     if stream is not None and stream.stopped:
         ids, reason = ids[:len(stream.ids)], "stop"
-    elif eos_id is not None and eos_id in ids:
-        ids, reason = ids[:ids.index(eos_id) + 1], "eos"
+    elif ended_at is not None:
+        ids, reason = ids[:ended_at + 1], "eos"
     else:
         reason = "length"
     text = None
@@ -256,23 +226,33 @@ def _completion(ids: list[int], eos_id: Optional[int], stream: Optional[_TextStr
 
 
 @torch.inference_mode()
+def stop_ids(eos_id: int | Sequence[int] | None, tokenizer: Any, cfg: GenerationConfig) -> tuple[int, ...]:
+    """The token ids that end a row: `eos_id` (one id or several, e.g. a chat turn's end token and eos), else the
+    tokenizer's eos; none when cfg.eos is False."""
+    if not cfg.eos:
+        return ()
+    if eos_id is None:
+        return (tokenizer.eos_id,) if tokenizer is not None else ()
+    return (int(eos_id),) if isinstance(eos_id, int) else tuple(int(i) for i in eos_id)
+
+
+@torch.inference_mode()
 def generate(model: Any, prompts: Prompts, cfg: Optional[GenerationConfig] = None, tokenizer: Any = None, *,
-             eos_id: Optional[int] = None) -> list[Completion]:
+             eos_id: int | Sequence[int] | None = None) -> list[Completion]:
     """Continue each prompt; return one Completion per row, in order.
 
     model: an lmforge Transformer (used through .config, .hidden_states, .lm_head and .new_kv_cache).
     prompts: a LongTensor (B, T) or (T,), a list of token-id lists (any lengths), or with a tokenizer a list of
-    strings (or one string). eos_id defaults to tokenizer.eos_id; cfg.eos=False disables it. Stop strings need a
-    tokenizer. The model is used as it is: call model.eval() first if it has dropout.
+    strings (or one string). eos_id (one id or several) defaults to tokenizer.eos_id; cfg.eos=False disables it.
+    Stop strings need a tokenizer. The model is used as it is: call model.eval() first if it has dropout.
     """
     cfg = cfg or GenerationConfig()
     if cfg.stop and tokenizer is None:
         raise TypeError("generate: stop strings need a tokenizer")
     batch = _prepare(model, prompts, cfg, tokenizer)
     batch_size = batch.ids.shape[0]
-    if eos_id is None and tokenizer is not None:
-        eos_id = tokenizer.eos_id
-    eos_id = eos_id if cfg.eos else None
+    eos_ids = stop_ids(eos_id, tokenizer, cfg)
+    stop_tensor = torch.tensor(eos_ids, dtype=torch.long, device=batch.ids.device)
     streams = [_TextStream(tokenizer, cfg.stop) for _ in range(batch_size)] if cfg.stop else None
     ended = torch.zeros(batch_size, dtype=torch.bool, device=batch.ids.device)
     ended_rows: set[int] = set()
@@ -280,30 +260,38 @@ def generate(model: Any, prompts: Prompts, cfg: Optional[GenerationConfig] = Non
     for steps, token in enumerate(_token_steps(model, batch, cfg), start=1):
         if streams is not None:  # text is needed on the host anyway: end rows there
             for row, token_id in enumerate(token.tolist()):
-                if row not in ended_rows and _push_row(streams[row], token_id, eos_id)[1]:
+                if row not in ended_rows and _push_row(streams[row], token_id, eos_ids)[1]:
                     ended_rows.add(row)
             if len(ended_rows) == batch_size:
                 break
-        elif eos_id is not None:
-            ended |= token == eos_id
+        elif eos_ids:
+            ended |= torch.isin(token, stop_tensor)
             if bool(ended.all()):
                 break
     new_ids = batch.ids[:, batch.prompt_len:batch.prompt_len + steps].tolist()
-    return [_completion(new_ids[row], eos_id, streams[row] if streams else None, tokenizer)
+    return [_completion(new_ids[row], eos_ids, streams[row] if streams else None, tokenizer)
             for row in range(batch_size)]
 
 
 @torch.inference_mode()
-def stream_generate(model: Any, tokenizer: Any, prompt: str, cfg: Optional[GenerationConfig] = None
-                    ) -> Iterator[str]:
-    """Continue one text prompt, yielding text deltas as they become printable: an incomplete UTF-8 character or
-    a possible start of a stop string is held back. "".join(deltas) equals generate(...)[0].text."""
-    cfg = cfg or GenerationConfig()
+def stream_generate(model: Any, tokenizer: Any, prompt: str | Sequence[int], cfg: Optional[GenerationConfig] = None,
+                    *, eos_id: int | Sequence[int] | None = None) -> Iterator[str]:
+    """Continue one prompt (text or token ids), yielding text deltas as they become printable: an incomplete UTF-8
+    character or a possible start of a stop string is held back. "".join(deltas) equals generate(...)[0].text."""
+    yield from stream_completion(model, tokenizer, prompt, cfg or GenerationConfig(), eos_id=eos_id)
+
+
+@torch.inference_mode()
+def stream_completion(model: Any, tokenizer: Any, prompt: str | Sequence[int], cfg: GenerationConfig, *,
+                      eos_id: int | Sequence[int] | None = None) -> Generator[str, None, Completion]:
+    """stream_generate's deltas; the generator's return value is the row's Completion (as generate makes it)."""
     batch = _prepare(model, [prompt], cfg, tokenizer)
-    eos_id = tokenizer.eos_id if cfg.eos else None
+    eos_ids = stop_ids(eos_id, tokenizer, cfg)
     stream = _TextStream(tokenizer, cfg.stop)
+    ids: list[int] = []
     for token in _token_steps(model, batch, cfg):
-        delta, ended = _push_row(stream, int(token), eos_id)
+        ids.append(int(token))
+        delta, ended = _push_row(stream, ids[-1], eos_ids)
         if delta:
             yield delta
         if ended:
@@ -311,16 +299,7 @@ def stream_generate(model: Any, tokenizer: Any, prompt: str, cfg: Optional[Gener
     tail = stream.finish()  # nothing after a stop string: push showed all that precedes it
     if tail:
         yield tail
-
-
-@dataclass
-class GenerateConfig(GenerationConfig):
-    """`lmforge generate`: every GenerationConfig field (as top-level options) plus the model, prompts and device."""
-
-    model: str = ""  # an lmforge or Hugging Face model dir; the tokenizer is read from the same dir
-    prompt: list[str] = field(default_factory=list)  # one or more prompts, generated as one batch
-    stream: bool = False  # print text as it is generated (a single prompt only)
-    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps
+    return _completion(ids, eos_ids, stream, tokenizer)
 
 
 def check_tokenizer_fits(tokenizer: Any, model: Any, where: str) -> None:
@@ -332,8 +311,11 @@ def check_tokenizer_fits(tokenizer: Any, model: Any, where: str) -> None:
 
 
 def run_generate(cfg: GenerateConfig) -> list[str]:
-    """Load the model and tokenizer from cfg.model (lmforge or Hugging Face dir), generate for every prompt as one
-    batch, print and return the completions. With cfg.stream and a single prompt, text is printed as it comes."""
+    """Load the model and tokenizer from cfg.model (lmforge or Hugging Face dir), continue every prompt and return
+    the continuations. Prompts are generated as one batch, or with cfg.stream one after another, printed as the
+    text comes. Each row is printed as its prompt followed by the continuation, then a line saying why it ended
+    and how many tokens it generated (`[eos, 12 tokens]`, `[stop string ';', 5 tokens]`, `[length, 40 tokens]`);
+    with several prompts a line `=== 2/3 ===` comes before each row."""
     from lmforge.convert import load
     from lmforge.device import resolve_device
     from lmforge.tokenizer import Tokenizer
@@ -347,15 +329,45 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     has_lmforge_tokenizer = (Path(cfg.model) / "lmforge_tokenizer.json").is_file()
     tokenizer = Tokenizer.load(cfg.model) if has_lmforge_tokenizer else Tokenizer.from_hf(cfg.model)
     check_tokenizer_fits(tokenizer, model, cfg.model)
-    if cfg.stream and len(cfg.prompt) == 1:
-        deltas = []
-        for delta in stream_generate(model, tokenizer, cfg.prompt[0], cfg):
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-            deltas.append(delta)
-        sys.stdout.write("\n")
-        return ["".join(deltas)]
-    texts = [c.text or "" for c in generate(model, cfg.prompt, cfg, tokenizer)]
-    for text in texts:
-        print(text)
+    rows = len(cfg.prompt)
+    if not cfg.stream:
+        completions = generate(model, cfg.prompt, cfg, tokenizer)
+        for row, (prompt, completion) in enumerate(zip(cfg.prompt, completions)):
+            _print(_header(row, rows) + prompt + (completion.text or "") + "\n" + _ending(completion, cfg, tokenizer))
+        return [completion.text or "" for completion in completions]
+    texts = []
+    for row, prompt in enumerate(cfg.prompt):
+        _print(_header(row, rows) + prompt, end="")
+        deltas = stream_completion(model, tokenizer, prompt, cfg)
+        while True:
+            try:
+                _print(next(deltas), end="")
+            except StopIteration as finished:
+                completion: Completion = finished.value
+                break
+        _print("\n" + _ending(completion, cfg, tokenizer))
+        texts.append(completion.text or "")
     return texts
+
+
+def _print(text: str, end: str = "\n") -> None:
+    sys.stdout.write(text + end)
+    sys.stdout.flush()
+
+
+def _header(row: int, rows: int) -> str:
+    """The header line before a row when there are several prompts ('=== 2/3 ==='), with its newline."""
+    return f"=== {row + 1}/{rows} ===\n" if rows > 1 else ""
+
+
+def _ending(completion: Completion, cfg: GenerationConfig, tokenizer: Any) -> str:
+    """Why a row ended and how many tokens it generated (the eos or stop-completing token included):
+    '[eos, 12 tokens]', "[stop string ';', 5 tokens]" or '[length, 40 tokens]'."""
+    count = len(completion.token_ids)
+    tokens = f"{count} token{'' if count == 1 else 's'}"
+    if completion.finish_reason != "stop":
+        return f"[{completion.finish_reason}, {tokens}]"
+    # The text is cut before the stop string; the stop string follows it in the decoded tokens.
+    decoded = tokenizer.decode(completion.token_ids)
+    found = [stop for stop in cfg.stop if (completion.text or "") + stop in decoded]
+    return f"[stop string {max(found, key=len)!r}, {tokens}]" if found else f"[stop string, {tokens}]"

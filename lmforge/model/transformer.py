@@ -339,11 +339,22 @@ class Transformer(nn.Module):
         return KVCache(self.config.n_layer, batch_size, max_len, self.config.n_kv_head, self.config.head_dim,
                        device=device or weight.device, dtype=dtype or weight.dtype)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """Shorthand for lmforge.infer.generate.generate(self, *args, **kwargs)."""
+    def generate(self, prompts: Any = None, cfg: Any = None, tokenizer: Any = None, *, input_ids: Any = None,
+                 eos_id: Any = None, **kwargs: Any) -> Any:
+        """lmforge.infer.generate.generate(self, prompts, cfg, tokenizer, eos_id=...): a list of Completions.
+
+        Takes the keyword arguments users bring from transformers as well as a GenerationConfig: `input_ids=`
+        for the prompts, `eos_token_id=` for eos_id, and max_new_tokens=, temperature=, top_k=, top_p=,
+        do_sample=, repetition_penalty=, seed=, stop= adjust `cfg` (GenerationConfig.from_transformers).
+        """
+        from lmforge.infer.config import GenerationConfig
         from lmforge.infer.generate import generate
 
-        return generate(self, *args, **kwargs)
+        prompts = input_ids if prompts is None else prompts
+        eos_id = kwargs.pop("eos_token_id", None) if eos_id is None else eos_id
+        if kwargs:
+            cfg = GenerationConfig.from_transformers(cfg, **kwargs)
+        return generate(self, prompts, cfg, tokenizer, eos_id=eos_id)
 
     # ---- persistence -----------------------------------------------------------------------------------------
 
