@@ -3,12 +3,10 @@
 from types import SimpleNamespace
 
 import pytest
-
-from lmforge.errors import ConfigError
 import torch
 import torch.nn.functional as F
 
-from lmforge.errors import PromptTooLongError
+from lmforge.errors import ConfigError, PromptTooLongError
 from lmforge.infer.generate import GenerationConfig, generate, stream_generate
 from lmforge.model import ModelConfig, Transformer
 
