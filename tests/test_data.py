@@ -365,3 +365,16 @@ def test_ctrl_c_stops_cleanly(tmp_path: Path, wait_for: str) -> None:
         time.sleep(0.05)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".ds")]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == existing
+
+
+def test_missing_or_short_validation_is_a_warning_in_meta(tmp_path, capsys) -> None:
+    write_corpus(tmp_path)
+    out = prepare_dataset(data_config(tmp_path, "noval", val_fraction=0.0))
+    meta = read_meta(out)
+    assert meta["splits"]["val"]["documents"] == 0 and "the val split is empty" in meta["warnings"][0]
+    assert "warning: the val split is empty" in capsys.readouterr().out
+    short = read_meta(prepare_dataset(data_config(tmp_path, "short", val_fraction=0.1)))
+    assert 0 < short["splits"]["val"]["tokens"] < 1025
+    assert short["warnings"] == [f"the val split has only {short['splits']['val']['tokens']} tokens: a model with "
+                                 f"a context of {short['splits']['val']['tokens']} tokens or more gets no "
+                                 "validation loss; use a larger corpus or --val_fraction"]

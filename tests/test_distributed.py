@@ -118,3 +118,15 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"^train\.device: torchrun started process 1 on this node, which has 1 "
                                           r"CUDA device\(s\); use --nproc-per-node 1 or --train.device cpu$"):
         init_distributed("cuda")
+
+
+@pytest.mark.slow
+def test_a_user_error_under_torchrun_is_printed_once(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "lmforge", "pretrain", "--data.dataset", str(tmp_path / "missing"),
+                             "--train.device", "cpu", "--out_dir", str(tmp_path / "run")],
+                            env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    said = [line for line in result.stderr.splitlines() if line.startswith("lmforge pretrain: error:")]
+    assert said == [f"lmforge pretrain: error: dataset dir {tmp_path / 'missing'}: no meta.json (expected a dir "
+                    "written by `lmforge data prepare`)"]

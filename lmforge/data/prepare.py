@@ -112,6 +112,7 @@ def prepare_dataset(cfg: DataConfig) -> Path:
         splits = {split: _write_split(cfg, split, spool, build_dir, tokenizer.vocab_size, task, workers, stats)
                   for split in SPLITS}
         shutil.rmtree(spool.root)
+        warnings = validation_warnings(splits["val"], cfg.val_fraction)
         atomic_write_text(build_dir / "samples.txt", _format_samples(cfg, samples))
         atomic_write_json(build_dir / "meta.json", {
             "format": DATASET_FORMAT, "dtype": str(shard_dtype(tokenizer.vocab_size)),
@@ -119,12 +120,28 @@ def prepare_dataset(cfg: DataConfig) -> Path:
             "tokenizer_fingerprint": tokenizer.fingerprint,
             "tokenizer_dir": str((out_dir / "tokenizer").resolve()), "encoder": encoder,
             "splits": splits, "sources": {s.name: stats[i].to_json() for i, s in enumerate(cfg.sources)},
-            "filters": filters, "dedup": dedup_removed,
+            "filters": filters, "dedup": dedup_removed, "warnings": warnings,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": config_to_dict(cfg)})
     train = splits["train"]
     print(f"lmforge data prepare: {out_dir}: {train['documents']} train documents, {train['tokens']} tokens, "
           f"{splits['val']['documents']} val documents, {splits['val']['tokens']} tokens", flush=True)
+    for warning in warnings:
+        print(f"lmforge data prepare: warning: {warning}", flush=True)
     return out_dir
+
+
+MIN_VAL_TOKENS = 1025  # one window of a 1024-token context
+
+
+def validation_warnings(val: dict[str, Any], val_fraction: float) -> list[str]:
+    """What makes validation silently disappear later: no val documents, or fewer tokens than one sequence."""
+    if val["documents"] == 0:
+        return [f"the val split is empty (val_fraction={val_fraction} of too few documents): training will report "
+                "no validation loss; use a larger corpus or --val_fraction"]
+    if val["tokens"] < MIN_VAL_TOKENS:
+        return [f"the val split has only {val['tokens']} tokens: a model with a context of {val['tokens']} tokens "
+                "or more gets no validation loss; use a larger corpus or --val_fraction"]
+    return []
 
 
 def _validate(cfg: DataConfig) -> Optional[Tokenizer]:
