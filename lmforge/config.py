@@ -190,6 +190,23 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 _FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+?)\s*$")
 
 
+def _source_comments(source: str) -> dict[str, str]:
+    """Field name -> its trailing comment; a comment-only line whose '#' stands in the same column as the comment
+    above it continues that comment (long help wraps that way)."""
+    comments: dict[str, str] = {}
+    field_name, column = None, -1
+    for line in source.splitlines():
+        match = _FIELD_COMMENT.match(line)
+        if match:
+            field_name, column = match.group(1), line.index("#")
+            comments[field_name] = match.group(2)
+        elif field_name and line.strip().startswith("#") and line.index("#") == column:
+            comments[field_name] += " " + line.strip()[1:].strip()
+        else:
+            field_name = None
+    return comments
+
+
 def field_comments(cls: type) -> dict[str, str]:
     """The trailing `# comment` of each field in the class source: the CLI shows it as the option's help.
 
@@ -204,7 +221,7 @@ def field_comments(cls: type) -> dict[str, str]:
             source = inspect.getsource(klass)
         except (OSError, TypeError):
             continue
-        comments.update({m.group(1): m.group(2) for m in map(_FIELD_COMMENT.match, source.splitlines()) if m})
+        comments.update(_source_comments(source))
     return comments
 
 

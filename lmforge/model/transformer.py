@@ -231,7 +231,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None,
-                targets: Optional[Tensor] = None) -> Tensor:
+                targets: Optional[Tensor] = None, document_ids: Optional[Tensor] = None) -> Tensor:
         """Logits (B, T, vocab_size) in the compute dtype; with `targets`, the mean cross-entropy instead.
 
         input_ids (B, T). position_ids (B, T), default past + arange(T) where past = kv_cache.length (0 without a
@@ -239,15 +239,18 @@ class Transformer(nn.Module):
         covers cached and new keys. With a cache, new keys/values are written at [past, past + T) and
         kv_cache.length advances by T. targets (B, T), -100 where no loss is taken: the loss is computed with the
         LM head fused into the cross-entropy (lmforge.model.fused_loss), so the (B, T, V) logits are never
-        materialized; it goes through forward so that DDP, FSDP and torch.compile wrappers see it.
+        materialized; it goes through forward so that DDP, FSDP and torch.compile wrappers see it. document_ids
+        (B, T) packs several sequences in a row: a token attends only to earlier tokens of the same document id
+        (give position_ids restarting at 0 per document), so each document is computed as if it were alone.
         """
-        hidden = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache)
+        hidden = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, document_ids)
         if targets is not None:
             return linear_cross_entropy(hidden, self.lm_head.weight, targets)
         return self.lm_head(hidden)
 
     def hidden_states(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
-                      attention_mask: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None) -> Tensor:
+                      attention_mask: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None,
+                      document_ids: Optional[Tensor] = None) -> Tensor:
         """The last layer's output (B, T, d_model) after the final norm, before the LM head (for value heads)."""
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -262,6 +265,13 @@ class Transformer(nn.Module):
                                          f"{self.config.block_size}")
             position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)  # (1, T)
         mask, is_causal = self._attention_mask(attention_mask, past, T, input_ids.device)
+        if document_ids is not None:  # packed documents: (B, 1, T, T), causal within each document only
+            if past:
+                raise ValueError("document_ids (packed sequences) cannot be combined with a KV cache")
+            same = document_ids[:, None, :, None] == document_ids[:, None, None, :]
+            mask = same & (torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril() if mask is None
+                           else mask)
+            is_causal = False
 
         x = self.tok_emb(input_ids)  # (B, T, d_model)
         rope = None

@@ -39,11 +39,15 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 def write_model_files(model: nn.Module, directory: Path, tokenizer_dir: Optional[str | Path],
                       extra_files: Optional[dict[str, Any]] = None) -> None:
-    """Fill the new dir `directory` with a model dir: config.json, model.safetensors, the tokenizer files and
-    `extra_files` (name -> JSON-ready object, e.g. training.json)."""
+    """Fill the new dir `directory` with a model dir: config.json, model.safetensors, the tokenizer files (copied
+    from `tokenizer_dir`, or written by a Tokenizer given in its place) and `extra_files` (name -> JSON-ready
+    object, e.g. training.json)."""
     directory.mkdir(parents=True)
     model.save(directory)
-    copy_tokenizer_files(tokenizer_dir, directory)
+    if hasattr(tokenizer_dir, "save"):  # a Tokenizer object (e.g. one read from a Hugging Face dir)
+        tokenizer_dir.save(directory)
+    else:
+        copy_tokenizer_files(tokenizer_dir, directory)
     for name, content in (extra_files or {}).items():
         atomic_write_json(directory / name, content)
 

@@ -81,7 +81,7 @@ class Stage:
     batches: BatchSource
     val_batches: list[Batch]
     tokens_per_sample: int
-    tokenizer_dir: Optional[Path]
+    tokenizer_dir: Any  # the dir whose tokenizer files every model dir gets, or a Tokenizer to save there
     inputs: tuple[str, ...] = ()  # paths the run reads: never inside the run dir
     eval_objective: Optional[Objective] = None
     val_figures: Callable[[Optional[float]], dict[str, Any]] = lambda loss: {}
@@ -246,7 +246,9 @@ class Trainer:
             raise ConfigError(f"--resume: the model config differs from the one in {checkpoint}: "
                               f"{config_differences(saved_config, self.raw.config)}")
         if self.stage.tokenizer_dir is not None and (checkpoint / "lmforge_tokenizer.json").is_file():
-            ours, theirs = Tokenizer.load(self.stage.tokenizer_dir), Tokenizer.load(checkpoint)
+            source = self.stage.tokenizer_dir
+            ours = source if isinstance(source, Tokenizer) else Tokenizer.load(source)
+            theirs = Tokenizer.load(checkpoint)
             if ours.fingerprint != theirs.fingerprint:
                 from lmforge.errors import TokenizerMismatchError
 

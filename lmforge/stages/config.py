@@ -1,0 +1,46 @@
+"""Configs of the post-training stages, in a module without torch (the CLI builds its options from them).
+
+Every stage config has a `train` section: the one loop's TrainConfig (lmforge.train.config), with defaults that
+suit the stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from lmforge.train.config import TrainConfig
+
+
+def _sft_train() -> TrainConfig:
+    return TrainConfig(batch_size=16, max_steps=500, lr=3e-4, min_lr=3e-5, weight_decay=0.0, eval_interval=100,
+                       eval_batches=20, checkpoint_interval=250, log_interval=10)
+
+
+@dataclass
+class SFTDataSection:
+    train: list[str] = field(default_factory=lambda: ["builtin"])  # JSONL files (alpaca, messages, sharegpt,
+                                                                   # prompt/completion), or builtin: the built-in
+                                                                   # task instructions (lmforge tasks list)
+    val: list[str] = field(default_factory=list)  # held-out JSONL files; empty: val_fraction of the train files
+                                                  # (builtin: its validation split)
+    val_fraction: float = 0.05  # conversations held out (by a hash of their text) when no val files are given
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion"] = "auto"  # auto: by each line
+    builtin_tasks: list[str] = field(default_factory=list)  # built-in tasks taken by builtin (empty: all)
+    per_task_limit: int = 0  # builtin: at most this many training examples per task (0 = all)
+    seq_len: Optional[int] = None  # tokens per row; None -> the model's block_size
+    packing: bool = True  # several conversations per row (attention never crosses them); false: one per padded row
+    truncation: Literal["truncate", "drop", "error"] = "truncate"  # a conversation over seq_len + 1 tokens: cut at
+                                                                   # the end, left out, or an error naming it
+    train_on: Literal["assistant", "all"] = "assistant"  # loss on every assistant turn's tokens, or on all tokens
+    system_prompt: Optional[str] = None  # a system turn added to conversations that have none
+    cache_dir: Optional[str] = None  # built-in corpus and task cache; None = $LMFORGE_CACHE or ~/.cache/lmforge
+
+
+@dataclass
+class SFTConfig:
+    model: str = ""  # the base model dir (lmforge or Hugging Face), with its tokenizer
+    data: SFTDataSection = field(default_factory=SFTDataSection)
+    train: TrainConfig = field(default_factory=_sft_train)
+    out_dir: str = "runs/sft"  # the run dir; the chat model is written to OUT_DIR/final
+    resume: bool = False  # continue from the newest checkpoint in out_dir (same config: --config OUT_DIR/config.json)
