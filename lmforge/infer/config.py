@@ -71,3 +71,16 @@ class GenerateConfig(GenerationConfig):
     prompt: list[str] = field(default_factory=list)  # one or more prompts, generated as one batch
     stream: bool = False  # print text as it is generated (several prompts: one after another)
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps
+
+
+@dataclass
+class ChatConfig(GenerationConfig):
+    """`lmforge chat`: every GenerationConfig field plus the model, a system prompt and one-turn mode."""
+
+    model: str = ""  # an lmforge or Hugging Face model dir with a chat template (an sft run's final/)
+    system: Optional[str] = None  # a system prompt that opens the conversation
+    prompt: Optional[str] = None  # one user turn: print the reply and exit (no interactive session)
+    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0 -> greedy (argmax)
+    top_p: float = 0.95  # nucleus: keep the most likely tokens up to this probability mass; 1.0 = off
