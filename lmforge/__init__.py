@@ -9,25 +9,12 @@ Python API:
 
 from __future__ import annotations
 
-from typing import Any
+from lmforge.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 __all__ = ["load", "Tokenizer", "Transformer", "ModelConfig", "GenerationConfig", "__version__"]
-
-_LAZY = {
-    "load": ("lmforge.convert", "load"),
-    "Tokenizer": ("lmforge.tokenizer", "Tokenizer"),
-    "Transformer": ("lmforge.model.transformer", "Transformer"),
-    "ModelConfig": ("lmforge.model.config", "ModelConfig"),
-    "GenerationConfig": ("lmforge.infer.config", "GenerationConfig"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    # Imports are lazy so that `import lmforge` (and `lmforge --help`) stays fast and torch loads only when needed.
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
+# Imports are lazy so that `import lmforge` (and `lmforge --help`) stays fast and torch loads only when needed.
+__getattr__ = lazy_attributes(__name__, {"load": "lmforge.convert", "Tokenizer": "lmforge.tokenizer",
+                                         "Transformer": "lmforge.model.transformer",
+                                         "ModelConfig": "lmforge.model.config",
+                                         "GenerationConfig": "lmforge.infer.config"})
