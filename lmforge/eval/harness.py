@@ -1,0 +1,201 @@
+"""`lmforge eval`: a model dir on built-in tasks, JSONL task files and the perplexity of a text.
+
+Choice tasks are scored by log-likelihood: every choice is a continuation of the same context, and the item is
+right when the gold choice has the highest summed log-probability (acc) or the highest per character
+(acc_norm, lm-evaluation-harness's definition; lmforge.eval.metrics.choice_scores). Generation tasks decode
+greedily through the engine (lmforge.infer.generate) in batches and score the text: exact match after
+normalization, or chrF and BLEU with sacrebleu. Prompting (plain or chat, k-shot) is lmforge.eval.prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import config_to_dict
+from lmforge.errors import ConfigError
+from lmforge.eval.config import EvalConfig
+from lmforge.eval.prompts import PromptFormat, choose_shots, is_chat_model
+from lmforge.tasks.spec import TASKS, TaskExample, TaskSpec
+
+SHOT_POOL = 1000  # k-shot examples are drawn from the first SHOT_POOL train examples (a stable sample)
+SHOWN_EXAMPLES = 3  # predictions kept in the report per generation task
+ANSWER_BUDGET_SLACK = 8  # generation budget: this + twice the longest accepted answer, in tokens
+
+
+@dataclass
+class EvalTask:
+    """A task ready to run: its spec, the examples to score and the pool k-shot examples come from."""
+
+    spec: TaskSpec
+    examples: list[TaskExample]
+    shot_pool: list[TaskExample]
+    source: str  # 'built-in' or the task file's path
+
+
+def resolve_tasks(cfg: EvalConfig) -> list[EvalTask]:
+    """The tasks cfg names (see EvalConfig; an entry may list several, comma-separated), loaded; unknown names and
+    malformed files raise one-line errors."""
+    from lmforge.tasks.builtin import load_task
+    from lmforge.tasks.taskfile import load_task_file
+
+    names = list(cfg.tasks) or ([] if cfg.text else ["all"])
+    # '--tasks synonym,arithmetic' arrives as one entry: split it, unless it names a file
+    names = [n.strip() for entry in names
+             for n in ([entry] if Path(entry).is_file() else entry.split(",")) if n.strip()]
+    names = [n for name in names for n in (TASKS if name == "all" else [name])]
+    tasks = []
+    for name in dict.fromkeys(names):
+        if name in TASKS:
+            pool = load_task(name, "train", cfg.cache_dir or None, SHOT_POOL) if cfg.shots else []
+            tasks.append(EvalTask(TASKS[name], load_task(name, cfg.split, cfg.cache_dir or None, cfg.limit or None),
+                                  pool, "built-in"))
+        elif name.endswith(".jsonl") or Path(name).is_file():
+            items = load_task_file(name)
+            choice = bool(items[0].choices)
+            spec = TaskSpec(Path(name).stem, "choice" if choice else "generate",
+                            "accuracy" if choice else "exact_match", f"task file {name}")
+            tasks.append(EvalTask(spec, items[:cfg.limit or None], items, name))
+        else:
+            raise ConfigError(f"unknown task '{name}' (built-in tasks: {', '.join(TASKS)}, all; or a .jsonl "
+                              "task file)")
+    return tasks
+
+
+def _contexts(task: EvalTask, fmt: PromptFormat, shots: int, seed: int) -> list[list[int]]:
+    contexts = []
+    for example in task.examples:
+        chosen = choose_shots(task.shot_pool, example, shots, seed)
+        contexts.append(fmt.context_ids(example.prompt, [(s.prompt, s.answers[0]) for s in chosen]))
+    return contexts
+
+
+def evaluate_choice(model: Any, task: EvalTask, fmt: PromptFormat, cfg: EvalConfig) -> dict[str, Any]:
+    """acc and acc_norm of a choice task (see the module docstring)."""
+    from lmforge.eval.loglik import continuation_logprobs
+    from lmforge.eval.metrics import choice_scores, mean
+
+    contexts = _contexts(task, fmt, cfg.shots, cfg.seed)
+    requests, truncated = [], 0
+    for example, context in zip(task.examples, contexts):
+        conts = [fmt.continuation_ids(choice) for choice in example.choices]
+        truncated += any(len(context) + len(cont) > model.config.block_size + 1 for cont in conts)
+        requests += [(context, cont) for cont in conts]
+    scored = iter(continuation_logprobs(model, requests, cfg.batch_size))
+    acc, acc_norm = [], []
+    for example in task.examples:
+        lls = [next(scored).logprob for _ in example.choices]
+        hit, hit_norm = choice_scores(lls, example.choices, example.label)
+        acc.append(hit)
+        acc_norm.append(hit_norm)
+    return {"acc": mean(acc), "acc_norm": mean(acc_norm), "value": mean(acc), "truncated": truncated}
+
+
+def generate_answers(model: Any, tokenizer: Any, contexts: list[list[int]], fmt: PromptFormat,
+                     cfg: EvalConfig) -> tuple[list[str], int]:
+    """Greedy completions of every context (batched, shortest first), stripped; and how many contexts were cut
+    from the left to leave room for the answer."""
+    from lmforge.infer.generate import GenerationConfig, generate
+
+    block_size = model.config.block_size
+    keep = block_size - min(cfg.max_new_tokens, block_size // 2)
+    truncated = sum(len(c) > keep for c in contexts)
+    contexts = [c[-keep:] if len(c) > keep else c for c in contexts]
+    eos_id, stop = fmt.stop_rule()
+    gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop=stop)
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+    answers = [""] * len(contexts)
+    for start in range(0, len(order), cfg.batch_size):
+        batch = order[start:start + cfg.batch_size]
+        completions = generate(model, [contexts[i] for i in batch], gen_cfg, tokenizer, eos_id=eos_id)
+        for i, completion in zip(batch, completions):
+            answers[i] = (completion.text or "").strip()
+    return answers, truncated
+
+
+def evaluate_generation(model: Any, tokenizer: Any, task: EvalTask, fmt: PromptFormat,
+                        cfg: EvalConfig) -> dict[str, Any]:
+    """exact_match, or chrF and BLEU, of greedy answers (see the module docstring). Each answer may take
+    min(cfg.max_new_tokens, 8 + twice the longest accepted answer's tokens) tokens, as lm-eval caps generation
+    per task: enough for any right answer, and no time spent on a model that never stops."""
+    from lmforge.eval.metrics import bleu, chrf, exact_match, mean
+
+    answers = [example.answers for example in task.examples]
+    longest = max(len(tokenizer.encode(a)) for accepted in answers for a in accepted)
+    budget = min(cfg.max_new_tokens, ANSWER_BUDGET_SLACK + 2 * longest)
+    contexts = _contexts(task, fmt, cfg.shots, cfg.seed)
+    predictions, truncated = generate_answers(model, tokenizer, contexts, fmt, replace(cfg, max_new_tokens=budget))
+    result: dict[str, Any] = {"max_new_tokens": budget}
+    if task.spec.metric == "chrf":
+        result.update(chrf=chrf(predictions, answers), bleu=bleu(predictions, answers))
+        result["value"] = result["chrf"]
+    else:
+        result["exact_match"] = mean([exact_match(p, a) for p, a in zip(predictions, answers)])
+        result["value"] = result["exact_match"]
+        if task.source != "built-in":
+            result["chrf"] = chrf(predictions, answers)
+    result["truncated"] = truncated
+    result["examples"] = [{"prompt": e.prompt, "prediction": p, "answers": e.answers}
+                          for e, p in zip(task.examples[:SHOWN_EXAMPLES], predictions)]
+    return result
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a text table: task, n, metric, value, acc_norm, BLEU; then perplexity when measured."""
+    lines = [f"{'task':<16} {'n':>5}  {'metric':<12} {'value':>8} {'acc_norm':>8} {'bleu':>7}"]
+    for name, result in report["tasks"].items():
+        acc_norm = f"{result['acc_norm']:.4f}" if "acc_norm" in result else "-"
+        bleu = f"{result['bleu']:.2f}" if "bleu" in result else "-"
+        value = f"{result['value']:.2f}" if result["metric"] == "chrf" else f"{result['value']:.4f}"
+        lines.append(f"{name:<16} {result['n']:>5}  {result['metric']:<12} {value:>8} {acc_norm:>8} {bleu:>7}")
+    ppl = report.get("perplexity")
+    if ppl:
+        lines.append(f"text {ppl['text']}: {ppl['nats_per_token']:.4f} nats/token, perplexity {ppl['perplexity']:.2f}, "
+                     f"{ppl['bits_per_byte']:.4f} bits/byte ({ppl['scored_tokens']} tokens)")
+    return "\n".join(lines)
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate cfg.model on cfg.tasks (and cfg.text); print a table, write the JSON report to cfg.out when set
+    (atomically), and return the report: {model, format, split, shots, tasks: {name: result}, perplexity?}."""
+    from lmforge.io import atomic_write_json
+
+    if not cfg.model:
+        raise ConfigError("eval needs a model dir: lmforge eval MODEL_DIR [--tasks NAME,...] [--text FILE]")
+    if cfg.out and Path(cfg.out).is_dir():
+        raise ConfigError(f"out {cfg.out} is a directory; give a .json file path")
+    tasks = resolve_tasks(cfg)
+    from lmforge.convert import load_with_tokenizer
+
+    model, tokenizer = load_with_tokenizer(cfg.model, cfg.device)
+    chat = is_chat_model(cfg.model) if cfg.chat == "auto" else bool(cfg.chat)
+    fmt = PromptFormat(tokenizer, chat)
+    started = time.perf_counter()
+    report: dict[str, Any] = {"model": cfg.model, "format": fmt.name, "split": cfg.split, "shots": cfg.shots,
+                              "tasks": {}}
+    for task in tasks:
+        task_started = time.perf_counter()
+        if task.spec.kind == "choice":
+            result = evaluate_choice(model, task, fmt, cfg)
+        else:
+            result = evaluate_generation(model, tokenizer, task, fmt, cfg)
+        seconds = time.perf_counter() - task_started
+        key = task.spec.name if task.spec.name not in report["tasks"] else task.source  # two files, one stem
+        report["tasks"][key] = {"kind": task.spec.kind, "metric": task.spec.metric,
+                                           "n": len(task.examples), **result, "source": task.source,
+                                           "seconds": round(seconds, 2)}
+        print(f"eval: {task.spec.name}: {len(task.examples)} examples in {seconds:.1f} s", flush=True)
+    if cfg.text:
+        from lmforge.eval.perplexity import perplexity
+
+        report["perplexity"] = perplexity(model, tokenizer, cfg.text, cfg.text_split == "paragraph", cfg.stride,
+                                          cfg.max_text_tokens, cfg.batch_size)
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    report["config"] = config_to_dict(cfg)
+    print(format_table(report))
+    if cfg.out:
+        atomic_write_json(cfg.out, report)
+        print(f"eval: report written to {cfg.out}")
+    return report
