@@ -12,6 +12,7 @@ import difflib
 import importlib
 import os
 import sys
+import time
 import typing
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -174,6 +175,9 @@ def run_command(cmd: Command, args: argparse.Namespace) -> Any:
     return _import(cmd.run)(cfg)
 
 
+LEAD_GRACE_S = 3.0  # how long other ranks of a torchrun job wait before exiting on an error rank 0 reports
+
+
 def _is_lead_process() -> bool:
     """False on the ranks other than 0 of a torchrun job: one process speaks for all of them."""
     return os.environ.get("RANK", "0") == "0"
@@ -208,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _is_lead_process():
             message = " ".join(str(exc).split())  # one line, whatever the exception text holds
             print(f"{name}: error: {message}", file=sys.stderr)
+        else:  # torchrun stops the whole job when one process exits: give rank 0 the time to say why
+            time.sleep(LEAD_GRACE_S)
         return 2
     except KeyboardInterrupt:
         if _is_lead_process():

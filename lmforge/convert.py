@@ -42,6 +42,30 @@ def load(path: str | Path):
     return model.eval()
 
 
+def load_with_tokenizer(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """A model dir's model (eval mode, on `device`: a name as the configs take it) and its tokenizer, checked to
+    fit the model: what generate, chat and eval read. A dir without tokenizer files, or with a tokenizer that makes
+    ids the model has no embedding for, is a one-line LmforgeError."""
+    from lmforge.device import resolve_device
+    from lmforge.errors import TokenizerMismatchError
+    from lmforge.tokenizer import LMFORGE_FILE, TOKENIZER_FILE, Tokenizer
+
+    model = load(path).to(resolve_device(device))
+    path = Path(path)
+    if (path / LMFORGE_FILE).is_file():
+        tokenizer = Tokenizer.load(path)
+    elif (path / TOKENIZER_FILE).is_file():
+        tokenizer = Tokenizer.from_hf(path)
+    else:
+        raise LmforgeError(f"model dir {path}: no tokenizer files (tokenizer.json); copy the model's tokenizer "
+                           "into it")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise TokenizerMismatchError(f"{path}: tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's "
+                                     f"vocab_size {model.config.vocab_size}; use the tokenizer the model was "
+                                     "trained with")
+    return model, tokenizer
+
+
 def _write_hf_tokenizer_config(dst: Path, tokenizer: Any) -> None:
     """A tokenizer_config.json so that `transformers.AutoTokenizer.from_pretrained(dst)` works on an export."""
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
@@ -66,6 +90,14 @@ def _source_tokenizer(src: Path):
     except DataError as exc:  # e.g. no recognizable eos token: convert the weights, keep the files as they are
         print(f"convert: note: {exc}; special token ids not recorded")
         return None
+
+
+def copy_training_record(src: Path, dst: Path) -> None:
+    """training.json (which stage made the model, whether it chats) travels with the weights."""
+    import shutil
+
+    if (src / "training.json").is_file():
+        shutil.copy2(src / "training.json", dst / "training.json")
 
 
 @dataclass
@@ -102,11 +134,13 @@ def convert(cfg: ConvertConfig) -> Path:
                 if tokenizer is not None else {}
             to_hf_dir(model, tmp, family=cfg.family, **ids)
             copy_tokenizer_files(src, tmp)
+            copy_training_record(src, tmp)
             if tokenizer is not None and (src / "lmforge_tokenizer.json").is_file():
                 _write_hf_tokenizer_config(tmp, tokenizer)
         else:
             model.save(tmp)
             copy_tokenizer_files(src, tmp)
+            copy_training_record(src, tmp)
             if tokenizer is not None and not (src / "lmforge_tokenizer.json").is_file():
                 tokenizer.save(tmp)  # lmforge_tokenizer.json records the special tokens resolved from the HF files
     print(f"converted {src} -> {dst} ({to} format, {model.num_parameters():,} parameters)")

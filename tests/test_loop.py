@@ -2,7 +2,6 @@
 signals, run-dir safety, checks of the model against its dataset, warnings, MFU and the external loggers."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

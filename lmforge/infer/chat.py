@@ -69,27 +69,15 @@ class ChatSession:
         return answer
 
 
-def load_chat_model(model_dir: str, device: str) -> tuple[Any, Any]:
-    from lmforge.convert import load
-    from lmforge.device import resolve_device
-    from lmforge.infer.generate import check_tokenizer_fits
-    from lmforge.tokenizer import model_dir_tokenizer
-
-    model = load(model_dir).to(resolve_device(device))
-    tokenizer = model_dir_tokenizer(model_dir)
-    if tokenizer is None:
-        raise LmforgeError(f"model dir {model_dir}: no tokenizer files (tokenizer.json)")
-    check_tokenizer_fits(tokenizer, model, model_dir)
-    return model, tokenizer
-
-
 def run_chat(cfg: ChatConfig, stdin: Optional[TextIO] = None, out: Optional[TextIO] = None) -> list[dict[str, str]]:
     """The `lmforge chat` command (see the module docstring); returns the conversation. Reads standard input and
     writes standard output unless `stdin` and `out` are given."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
     if not cfg.model:
         raise ConfigError("chat needs a model dir: lmforge chat MODEL_DIR")
-    model, tokenizer = load_chat_model(cfg.model, cfg.device)
+    from lmforge.convert import load_with_tokenizer
+
+    model, tokenizer = load_with_tokenizer(cfg.model, cfg.device)
     session = ChatSession(model, tokenizer, cfg, cfg.system)
     if cfg.prompt is not None:
         session.reply(cfg.prompt, out)

@@ -15,14 +15,13 @@ has ended; the only host sync per step is that check (none when neither eos nor 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Generator, Iterator, Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from lmforge.errors import ConfigError, LmforgeError, PromptTooLongError, TokenizerMismatchError
+from lmforge.errors import ConfigError, LmforgeError, PromptTooLongError
 from lmforge.infer.config import GenerateConfig, GenerationConfig
 from lmforge.infer.sampling import sample_next, token_presence
 
@@ -302,33 +301,19 @@ def stream_completion(model: Any, tokenizer: Any, prompt: str | Sequence[int], c
     return _completion(ids, eos_ids, stream, tokenizer)
 
 
-def check_tokenizer_fits(tokenizer: Any, model: Any, where: str) -> None:
-    """Raise TokenizerMismatchError when the tokenizer can produce ids the model has no embedding for."""
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise TokenizerMismatchError(f"{where}: tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's "
-                                     f"vocab_size {model.config.vocab_size}; use the tokenizer the model was "
-                                     "trained with")
-
-
 def run_generate(cfg: GenerateConfig) -> list[str]:
     """Load the model and tokenizer from cfg.model (lmforge or Hugging Face dir), continue every prompt and return
     the continuations. Prompts are generated as one batch, or with cfg.stream one after another, printed as the
     text comes. Each row is printed as its prompt followed by the continuation, then a line saying why it ended
     and how many tokens it generated (`[eos, 12 tokens]`, `[stop string ';', 5 tokens]`, `[length, 40 tokens]`);
     with several prompts a line `=== 2/3 ===` comes before each row."""
-    from lmforge.convert import load
-    from lmforge.device import resolve_device
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.convert import load_with_tokenizer
 
     if not cfg.model:
-        raise ConfigError("generate needs a model dir: lmforge generate --model DIR --prompt TEXT")
+        raise ConfigError("generate needs a model dir: lmforge generate MODEL_DIR --prompt TEXT")
     if not cfg.prompt:
         raise ConfigError("generate needs at least one prompt: --prompt TEXT")
-    device = resolve_device(cfg.device)
-    model = load(cfg.model).to(device)
-    has_lmforge_tokenizer = (Path(cfg.model) / "lmforge_tokenizer.json").is_file()
-    tokenizer = Tokenizer.load(cfg.model) if has_lmforge_tokenizer else Tokenizer.from_hf(cfg.model)
-    check_tokenizer_fits(tokenizer, model, cfg.model)
+    model, tokenizer = load_with_tokenizer(cfg.model, cfg.device)
     rows = len(cfg.prompt)
     if not cfg.stream:
         completions = generate(model, cfg.prompt, cfg, tokenizer)
