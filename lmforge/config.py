@@ -144,8 +144,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _section_defaults(cls: type, name: str) -> dict[str, Any]:
+    """The values a section's own default sets apart from its class's defaults: a stage whose `train` section
+    defaults to TrainConfig(lr=3e-4, weight_decay=0.0) keeps them when a file or `--train.max_steps` sets other
+    keys of that section (only the differing values, so fields derived in __post_init__ are derived anew)."""
+    spec = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+    section = _field_types(cls)[name]
+    if not dataclasses.is_dataclass(default) or not isinstance(default, section):
+        return {}
+    try:
+        plain = section()
+    except (TypeError, ValueError, ConfigError):  # a section with required fields: keep all of the default
+        plain = None
+    return {f.name: getattr(default, f.name) for f in dataclasses.fields(section)
+            if f.init and (plain is None or getattr(default, f.name) != getattr(plain, f.name))}
+
+
 def build_config(cls: type[T], data: dict[str, Any] | None = None, prefix: str = "") -> T:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types. A section given as a
+    dict starts from the section's default in `cls` (see _section_defaults), then takes the dict's keys."""
     data = dict(data or {})
     types_ = _field_types(cls)
     kwargs = {}
@@ -153,6 +171,8 @@ def build_config(cls: type[T], data: dict[str, Any] | None = None, prefix: str =
         if key not in types_:
             known = ", ".join(sorted(types_))
             raise ConfigError(f"unknown config key '{prefix}{key}' (known keys: {known})")
+        if dataclasses.is_dataclass(types_[key]) and isinstance(value, dict):
+            value = {**_section_defaults(cls, key), **value}
         kwargs[key] = _coerce(value, types_[key], f"{prefix}{key}")
     try:
         cfg = cls(**kwargs)

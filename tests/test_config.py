@@ -145,3 +145,16 @@ def test_example_configs_are_valid():
     llama = load_config(PretrainConfig, configs / "pretrain-llama-small.toml")
     gpt2 = load_config(PretrainConfig, configs / "pretrain-gpt2-small.yaml")
     assert llama.model.n_kv_head == 2 and gpt2.model.tie_embeddings and gpt2.train.schedule == "wsd"
+
+
+def test_a_stage_keeps_its_section_defaults_when_some_keys_are_set(tmp_path):
+    from lmforge.config import load_config
+    from lmforge.stages.config import SFTConfig
+    from lmforge.train.config import PretrainConfig
+
+    sft = load_config(SFTConfig, None, {"train.max_steps": 5})
+    assert (sft.train.max_steps, sft.train.lr, sft.train.weight_decay) == (5, 3e-4, 0.0)  # not TrainConfig's 1e-3, 0.1
+    (tmp_path / "sft.toml").write_text("[train]\nlr = 1e-3\n")
+    assert load_config(SFTConfig, tmp_path / "sft.toml").train.weight_decay == 0.0
+    pre = load_config(PretrainConfig, None, {"model.n_head": 8, "model.d_model": 512})
+    assert (pre.model.n_kv_head, pre.model.head_dim) == (8, 64)  # derived fields are derived anew
