@@ -205,3 +205,16 @@ def test_base_model_without_tokenizer_is_refused(tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", chat_records("messages", 4))
     assert main(["sft", str(tmp_path / "bare"), "--data.train", str(data), "--out_dir", str(tmp_path / "run")]) == 2
     assert "no tokenizer files" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_sft_from_a_hugging_face_base_keeps_its_chat_template(base, tmp_path):
+    pytest.importorskip("transformers")
+    hf_dir = tmp_path / "hf"
+    assert main(["convert", str(base), str(hf_dir), "--to", "hf"]) == 0
+    (hf_dir / "lmforge_tokenizer.json").unlink()  # a plain Hugging Face dir: tokenizer.json + tokenizer_config.json
+    data = write_jsonl(tmp_path / "d.jsonl", chat_records("messages", 16))
+    run_dir = sft(config(hf_dir, [str(data)], tmp_path / "run", train={"max_steps": 2}))
+    final = Tokenizer.load(run_dir / "final")
+    assert final.uses_lmforge_chat and final.fingerprint == Tokenizer.load(base).fingerprint
+    assert main(["chat", str(run_dir / "final"), "--prompt", "2 + 3", "--temperature", "0",
+                 "--max_new_tokens", "3"]) == 0
