@@ -52,7 +52,10 @@ class CleanConfig:
 
     normalize: bool = True  # NFC, newlines, control and space characters, trailing and blank-line whitespace
     scrub_pii: bool = True  # replace e-mail addresses, phone numbers and IPs by <EMAIL>, <PHONE>, <IP>
-    disable: list[str] = field(default_factory=list)  # filters to switch off, comma-separated: min_chars, max_chars, min_words, max_words, symbol_ratio, ellipsis_lines, alpha_words, mean_word_length, duplicate_lines, repeated_ngrams
+    disable: list[str] = field(default_factory=list)  # filters to switch off, comma-separated: min_chars,
+                                                      # max_chars, min_words, max_words, symbol_ratio,
+                                                      # ellipsis_lines, alpha_words, mean_word_length,
+                                                      # duplicate_lines, repeated_ngrams
     min_chars: int = 10  # drop documents shorter than this many characters
     max_chars: int = 1_000_000  # 0 = no bound
     min_words: int = 2  # drop documents with fewer words

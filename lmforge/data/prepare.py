@@ -60,7 +60,10 @@ SAMPLES_PER_SOURCE = 5
 class DataConfig:
     """Everything `prepare_dataset` needs (the `lmforge data prepare` options)."""
 
-    sources: list[SourceConfig] = field(default_factory=list)  # PATH_OR_CORPUS[:WEIGHT][:key=value]..., comma-separated; keys: weight, name, kind, field, max_documents, split; corpora: wordnet, kjv, gcide, pydocs, stdlib-docstrings
+    sources: list[SourceConfig] = field(default_factory=list)  # PATH_OR_CORPUS[:WEIGHT][:key=value]...,
+                                                               # comma-separated; keys: weight, name, kind,
+                                                               # field, max_documents, split; corpora: wordnet,
+                                                               # kjv, gcide, pydocs, stdlib-docstrings
     out_dir: str = ""  # the dataset dir to write (replaced atomically if it exists)
     tokenizer: Optional[str] = None  # tokenizer dir; None = train a byte-level BPE on the train split
     vocab_size: int = 4096  # size of the tokenizer trained when `tokenizer` is None

@@ -7,4 +7,5 @@ from lmforge.lazy import lazy_attributes
 
 __all__ = ["PRESETS", "KVCache", "ModelConfig", "Transformer"]
 __getattr__ = lazy_attributes(__name__, {"PRESETS": "lmforge.model.config", "ModelConfig": "lmforge.model.config",
-                                         "KVCache": "lmforge.model.kv_cache", "Transformer": "lmforge.model.transformer"})
+                                         "KVCache": "lmforge.model.kv_cache",
+                                         "Transformer": "lmforge.model.transformer"})

@@ -18,7 +18,8 @@ class DataSection:
 class TrainConfig:
     batch_size: int = 16  # sequences per micro-step summed over all processes; each of W processes takes 1/W
     grad_accum: int = 1  # micro-steps per optimizer step; tokens/step = batch_size * grad_accum * seq_len
-    max_steps: int = 1000  # optimizer steps; 0 with time_budget_s > 0: as many as the budget allows (lr follows the clock)
+    max_steps: int = 1000  # optimizer steps; 0 with time_budget_s > 0: as many as the budget allows
+                           # (the learning rate follows the clock)
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # final learning rate of the cosine and wsd schedules
     warmup_steps: Optional[int] = None  # linear warmup steps; None -> min(100, max_steps // 10)
