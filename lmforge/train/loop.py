@@ -229,7 +229,7 @@ class Trainer:
         self.lr = 0.0
         self.reserve_s = {"val": None, "save": None}  # measured durations of the last validation and checkpoint
         has_val = all_reduce([float(len(stage.val_batches))], self.device)[0] > 0
-        if not has_val:
+        if not has_val and not any("validation" in w for w in self.warnings):  # unless the stage said why
             self.warnings.append("no validation batches: val_loss will be null (the held-out split is empty or "
                                  "shorter than one sample)")
         if self.main:
