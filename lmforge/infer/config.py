@@ -24,9 +24,11 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)  # end a row when its text contains one (cut from the text)
     seed: Optional[int] = None  # seeds a private generator: the same seed gives the same samples
     use_cache: bool = True  # False recomputes the whole sequence every step (slow; a reference for tests)
-    # compile: 1.6-2.1x the tokens/s of eager decoding, after 30-100 s of compiling per model, batch size and cache
-    # length (cached on disk: a later run with the same model loads it in about 0.4 s)
-    compile: bool = False  # CPU: decode through a step compiled ahead of time (lmforge.infer.compiled)
+    # compile: 1.3-2.1x the tokens/s of eager decoding, after 20-100 s of compiling per model, batch size and cache
+    # length. Cached on disk, but a new process takes 3-5 s to load its first compiled step (measured 2026-11-30),
+    # so it pays in long-lived processes and long generations, not in one short `lmforge generate`
+    compile: bool = False  # CPU: decode through a step compiled ahead of time (pays in long-lived processes:
+                           # a new process needs 3-5 s to load the step; see README)
     eos: bool = True  # end a row at the eos token (the tokenizer's, or generate's eos_id)
 
     def __post_init__(self) -> None:
