@@ -47,3 +47,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Transformer(ModelConfig.preset("tiny-llama", vocab_size=tok.vocab_size, block_size=32, d_model=32)).save(directory)
     tok.save(directory)
     return directory
+
+
+def wait_while_running(done, process, timeout: float = 90.0) -> None:
+    """Poll `done()` until it is true; fail if `process` exits first (showing its stderr) or `timeout` passes."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not done():
+        if process.poll() is not None:
+            raise AssertionError(f"the process exited early: {process.stderr.read().decode()[-2000:]}")
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

@@ -22,6 +22,7 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import MetricsLog
 from lmforge.train.optim import lr_at, lr_at_time
 
+from conftest import wait_while_running
 from test_train import (REPO, SLOW_DRIVER, TINY_MODEL, assert_same_weights, config_dict, run, subprocess_env,
                         train_losses, weights, write_dataset)
 
@@ -94,10 +95,7 @@ def test_signal_stops_cleanly_with_a_checkpoint_and_resumes_exactly(dataset, tmp
     (tmp_path / "driver.py").write_text(SLOW_DRIVER)
     process = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "config.json")],
                                env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while len(MetricsLog(tmp_path / "stopped" / "metrics.jsonl").read()) < 3:
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_while_running(lambda: len(MetricsLog(tmp_path / "stopped" / "metrics.jsonl").read()) >= 3, process)
     process.send_signal(signum)
     assert process.wait(timeout=60) == 130
     err = process.stderr.read().decode()

@@ -4,7 +4,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.metrics import MetricsLog
 from lmforge.train.packing import collate, pack_examples, pad_examples
 
+from conftest import wait_while_running
 from test_train import REPO, assert_same_weights, subprocess_env, train_losses, weights
 
 PAIRS = [("a dog is a kind of", "animal"), ("the opposite of hot", "cold"), ("2 + 3", "5"), ("the cat", "die Katze"),
@@ -164,11 +164,7 @@ def test_resume_after_sigkill_is_bit_exact(base, tmp_path):
     (tmp_path / "driver.py").write_text(driver)
     process = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "config.json")],
                                env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 90
-    while not (tmp_path / "killed" / "checkpoints" / "step_4").exists():
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_while_running((tmp_path / "killed" / "checkpoints" / "step_4").exists, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     process.stderr.close()
