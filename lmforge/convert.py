@@ -18,7 +18,8 @@ def is_lmforge_dir(path: str | Path) -> bool:
 
 
 def load(path: str | Path):
-    """Load a model from an lmforge model dir or a Hugging Face dir of a supported family (eval mode, CPU)."""
+    """Load a model from an lmforge model dir, a Hugging Face dir of a supported family, or an lmforge adapter dir
+    (its base model with the adapter, unmerged) in eval mode, on the CPU."""
     from lmforge.model import Transformer
     from lmforge.model.hf import from_hf_dir
 
@@ -33,6 +34,13 @@ def load(path: str | Path):
         where = f"{path / 'final'}" if (path / "final").is_dir() else (
             f"a checkpoint such as {checkpoints[-1]}" if checkpoints else f"{path / 'final'} once it has finished")
         raise LmforgeError(f"{path} is a run dir, not a model dir: its trained model is {where}")
+    if kind == "adapter dir":
+        from lmforge.peft.files import ADAPTER_CONFIG, load_adapter  # a higher layer, on demand
+
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise LmforgeError(f"{path} is a PEFT adapter dir made outside lmforge: make it an lmforge adapter dir "
+                               f"first: lmforge peft import {path} --base BASE_MODEL_DIR --out_dir DIR")
+        return load_adapter(path)
     if kind in ("dataset dir", "tokenizer dir", "quickstart dir"):
         hint = f"; the quickstart's model is {path / 'run' / 'final'}" if kind == "quickstart dir" else ""
         raise LmforgeError(f"{path} is a {kind}, not a model dir{hint}")

@@ -120,7 +120,7 @@ def dir_kind(path: str | os.PathLike) -> str | None:
 
     'run dir'        metrics.jsonl or checkpoints/, or a config.json of a training run (keys out_dir and train)
     'model dir'      config.json of an lmforge or Hugging Face model (lmforge_model or model_type), not a run dir
-    'adapter dir'    adapter_config.json (PEFT's format)
+    'adapter dir'    adapter_config.json (PEFT's format) or lmforge_adapter.json
     'dataset dir'    meta.json (written by `lmforge data prepare`)
     'tokenizer dir'  tokenizer.json without a config.json
     'quickstart dir' nothing but data/, run/ and summary.json
@@ -133,7 +133,7 @@ def dir_kind(path: str | os.PathLike) -> str | None:
         return "run dir"
     if config.get("lmforge_model") or "model_type" in config:
         return "model dir"
-    if (path / "adapter_config.json").is_file():
+    if (path / "adapter_config.json").is_file() or (path / "lmforge_adapter.json").is_file():
         return "adapter dir"
     if (path / "meta.json").is_file():
         return "dataset dir"

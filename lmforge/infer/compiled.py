@@ -129,6 +129,9 @@ def compiled_decode_step(model: nn.Module, batch_size: int, cache_len: int) -> C
     if inductor is None or not hasattr(inductor, "aoti_compile_and_package"):
         raise ConfigError(f"generation compile=true needs torch >= 2.6 (AOTInductor); this is torch "
                           f"{torch.__version__}: leave compile off")
+    if not hasattr(model, "tok_emb"):  # a PeftModel: its virtual tokens and low-rank updates are not compiled
+        raise ConfigError("generation compile=true needs a plain model; merge a LoRA adapter first "
+                          "(lmforge peft merge ADAPTER_DIR OUT_DIR) or leave compile off")
     weight = model.tok_emb.weight
     if weight.device.type != "cpu":  # on a GPU eager decoding already beats transformers 2.3x (bench/README.md)
         raise ConfigError(f"generation compile=true: the compiled decode step is built for the CPU; the model is on "

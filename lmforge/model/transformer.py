@@ -248,11 +248,14 @@ class Transformer(nn.Module):
             return linear_cross_entropy(hidden, self.lm_head.weight, targets)
         return self.lm_head(hidden)
 
-    def hidden_states(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
+    def hidden_states(self, input_ids: Optional[Tensor], position_ids: Optional[Tensor] = None,
                       attention_mask: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None,
-                      document_ids: Optional[Tensor] = None) -> Tensor:
-        """The last layer's output (B, T, d_model) after the final norm, before the LM head (for value heads)."""
-        B, T = input_ids.shape
+                      document_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None) -> Tensor:
+        """The last layer's output (B, T, d_model) after the final norm, before the LM head (for value heads).
+
+        inputs_embeds (B, T, d_model) replaces the token embeddings of input_ids (soft prompts)."""
+        B, T = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
+        device = (input_ids if inputs_embeds is None else inputs_embeds).device
         past = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None and B != kv_cache.batch_size:
             raise ValueError(f"input batch size {B} does not match the KV cache's {kv_cache.batch_size}")
@@ -263,17 +266,18 @@ class Transformer(nn.Module):
             if past + T > self.config.block_size:
                 raise PromptTooLongError(f"{past + T} positions exceed the model's block_size "
                                          f"{self.config.block_size}")
-            position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)  # (1, T)
-        mask, is_causal = self._attention_mask(attention_mask, past, T, input_ids.device)
-        if document_ids is not None:  # packed documents: (B, 1, T, T), causal within each document only
-            if past:
-                raise ValueError("document_ids (packed sequences) cannot be combined with a KV cache")
+            position_ids = torch.arange(past, past + T, device=device).unsqueeze(0)  # (1, T)
+        mask, is_causal = self._attention_mask(attention_mask, past, T, device)
+        if document_ids is not None:  # packed documents: (B, 1, T, past + T), causal within each document only;
+            # the `past` cached positions (a learned prefix) are visible to every document
             same = document_ids[:, None, :, None] == document_ids[:, None, None, :]
-            mask = same & (torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril() if mask is None
-                           else mask)
+            within = same & torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            if past:
+                within = torch.cat([torch.ones(B, 1, T, past, dtype=torch.bool, device=device), within], dim=-1)
+            mask = within if mask is None else within & mask
             is_causal = False
 
-        x = self.tok_emb(input_ids)  # (B, T, d_model)
+        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d_model)
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids)
@@ -374,7 +378,7 @@ class Transformer(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         if self.config.tie_embeddings:
             del state["lm_head.weight"]
         save_safetensors(state, directory / WEIGHTS_FILE)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from lmforge.peft.config import PeftConfig
 from lmforge.train.config import TrainConfig
 
 
@@ -41,6 +42,7 @@ class SFTDataSection:
 class SFTConfig:
     model: str = ""  # the base model dir (lmforge or Hugging Face), with its tokenizer
     data: SFTDataSection = field(default_factory=SFTDataSection)
+    peft: PeftConfig = field(default_factory=PeftConfig)  # method none = full fine-tuning
     train: TrainConfig = field(default_factory=_sft_train)
     out_dir: str = "runs/sft"  # the run dir; the chat model is written to OUT_DIR/final
     resume: bool = False  # continue from the newest checkpoint in out_dir (same config: --config OUT_DIR/config.json)

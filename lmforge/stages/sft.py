@@ -175,6 +175,13 @@ def build_stage(cfg: SFTConfig, model: Any, tokenizer: Tokenizer, train_examples
               f"{len(rows):,} rows of {'at most ' if not data.packing else ''}{seq_len} tokens{fill}; "
               f"{figures['trained_tokens_per_epoch']:,} assistant tokens per epoch")
     torch.manual_seed(tc.seed)
+    if cfg.peft.method != "none":
+        from lmforge.peft.files import wrap_base
+
+        model = wrap_base(model, cfg.peft, cfg.model, tokenizer=tokenizer)
+        if ctx.rank == 0:
+            trainable = sum(p.numel() for p in model.trainable_parameters().values())
+            print(f"sft: peft {cfg.peft.method}: {trainable:,} trainable parameters of {model.num_parameters():,}")
     model.train()
     inputs = tuple(f for f in [cfg.model, *data.train, *data.val] if f and f != "builtin")
     return Stage(
@@ -185,7 +192,7 @@ def build_stage(cfg: SFTConfig, model: Any, tokenizer: Tokenizer, train_examples
                                   ctx.rank, ctx.world_size, ctx.device),
         tokens_per_sample=seq_len, tokenizer_dir=_tokenizer_source(cfg.model, tokenizer), inputs=inputs,
         model_files={"training.json": {"stage": "sft", "chat": True, "base_model": str(cfg.model),
-                                       "train_on": data.train_on, "data": list(data.train)}},
+                                       "peft": cfg.peft.method, "train_on": data.train_on, "data": list(data.train)}},
         warnings=warnings, summary=figures)
 
 

@@ -13,6 +13,7 @@ processes resumes on any other number, with either engine.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 from pathlib import Path
@@ -65,6 +66,8 @@ def gather_model(model: Transformer) -> Optional[Transformer]:
     Collective: every process calls it (FSDP all-gathers the shards). The copy is built on the meta device and takes
     the gathered tensors as its parameters, so the weights are not allocated twice.
     """
+    if not _is_sharded(model):  # one process or DDP: every rank holds the whole model already
+        return model if not dist.is_initialized() or dist.get_rank() == 0 else None
     state = get_model_state_dict(model, options=GATHERED)
     if dist.is_initialized() and dist.get_rank() > 0:
         return None
@@ -72,6 +75,41 @@ def gather_model(model: Transformer) -> Optional[Transformer]:
         plain = type(model)(model.config)
     plain.load_state_dict(state, assign=True)
     return plain
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """True when FSDP2 has sharded `model`'s parameters (DTensors)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def check_checkpoint_model(model: nn.Module, checkpoint: Path) -> Path:
+    """The weights file of `checkpoint` for `model` (a Transformer or a PeftModel), after checking that the
+    checkpoint was written for the same model config and peft settings (a ConfigError naming what differs)."""
+    from lmforge.errors import ConfigError
+    from lmforge.model.config import ModelConfig
+    from lmforge.peft.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
+
+    peft = getattr(model, "peft", None)
+    if (checkpoint / ADAPTER_CONFIG).is_file() or peft is not None:
+        if peft is None or not (checkpoint / ADAPTER_CONFIG).is_file():
+            raise ConfigError(f"--resume: {checkpoint} was written by a run with{'out' if peft is not None else ''} "
+                              "a peft method; resume with the same peft settings")
+        meta = read_adapter_config(checkpoint)
+        saved, ours = meta["peft"], dataclasses.asdict(peft)
+        differs = [f"peft.{k} (checkpoint {saved.get(k)!r}, now {ours[k]!r})" for k in ours if saved.get(k) != ours[k]]
+        saved_config = ModelConfig.from_dict(meta["base_config"])
+        differs += [f"{k} (checkpoint {v!r}, now {model.base.config.to_dict().get(k)!r})"
+                    for k, v in saved_config.to_dict().items() if v != model.base.config.to_dict().get(k)]
+        if differs:
+            raise ConfigError(f"--resume: the settings differ from those of {checkpoint}: {', '.join(differs)}")
+        return checkpoint / ADAPTER_WEIGHTS
+    saved_config = ModelConfig.load(checkpoint / "config.json")
+    if saved_config != model.config:
+        old, new = saved_config.to_dict(), model.config.to_dict()
+        differs = ", ".join(f"{k} (checkpoint {old.get(k)!r}, now {new.get(k)!r})" for k in new
+                            if old.get(k) != new.get(k))
+        raise ConfigError(f"--resume: the model config differs from the one in {checkpoint}: {differs}")
+    return checkpoint / "model.safetensors"
 
 
 def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -150,7 +188,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     found = []
     for path in root.glob("step_*") if root.is_dir() else []:
         suffix = path.name.removeprefix("step_")
-        if suffix.isdigit() and (path / TRAINER_STATE).is_file() and (path / "config.json").is_file():
+        if suffix.isdigit() and (path / TRAINER_STATE).is_file() and (
+                (path / "config.json").is_file() or (path / "lmforge_adapter.json").is_file()):
             found.append((int(suffix), path))
     return [path for _, path in sorted(found)]
 

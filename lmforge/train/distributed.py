@@ -68,6 +68,8 @@ def shard_model(model: nn.Module, ctx: DistContext, parallel: str) -> None:
     sharded parameters."""
     if parallel != "fsdp" or ctx.world_size == 1:
         return
+    if hasattr(model, "peft"):  # the frozen base would be sharded for nothing; its checkpoints hold the adapter only
+        raise ConfigError("train.parallel=fsdp shards full fine-tuning; with a peft method use train.parallel=ddp")
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError as error:  # FSDP2's public API arrived in torch 2.6

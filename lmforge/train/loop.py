@@ -34,12 +34,11 @@ from typing import Any, Callable, ContextManager, Optional, Protocol
 import torch
 from torch import Tensor, nn
 
-from lmforge.errors import ConfigError, Interrupted, LmforgeError
+from lmforge.errors import Interrupted, LmforgeError
 from lmforge.io import atomic_write_json, check_replaceable_dir
-from lmforge.model.config import ModelConfig
-from lmforge.train.checkpoint import (gather_model, gather_optimizer_state, latest_checkpoint, list_checkpoints,
-                                      load_optimizer_state, load_trainer_state, rng_state, save_checkpoint,
-                                      save_model_dir, set_rng_state)
+from lmforge.train.checkpoint import (check_checkpoint_model, gather_model, gather_optimizer_state,
+                                      latest_checkpoint, list_checkpoints, load_optimizer_state, load_trainer_state,
+                                      rng_state, save_checkpoint, save_model_dir, set_rng_state)
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import (DistContext, all_reduce, barrier, no_sync, shard_model, wrap_ddp)
 from lmforge.train.loggers import ExternalLoggers
@@ -131,12 +130,6 @@ def evaluate(model: nn.Module, batches: list[Batch], objective: Objective, preci
     model.train(was_training)
     loss_sum, tokens = all_reduce([loss_sum, tokens], device)
     return loss_sum / tokens if tokens else None
-
-
-def config_differences(saved: ModelConfig, current: ModelConfig) -> str:
-    """'n_layer (checkpoint 2, now 4), d_model (...)': the model config keys that differ."""
-    old, new = saved.to_dict(), current.to_dict()
-    return ", ".join(f"{k} (checkpoint {old.get(k)!r}, now {new.get(k)!r})" for k in new if old.get(k) != new.get(k))
 
 
 def prepare_run_dir(stage: Stage, ctx: DistContext) -> Optional[Path]:
@@ -241,10 +234,7 @@ class Trainer:
         from lmforge.io import load_safetensors
         from lmforge.tokenizer import Tokenizer
 
-        saved_config = ModelConfig.load(checkpoint / "config.json")
-        if saved_config != self.raw.config:
-            raise ConfigError(f"--resume: the model config differs from the one in {checkpoint}: "
-                              f"{config_differences(saved_config, self.raw.config)}")
+        weights = check_checkpoint_model(self.raw, checkpoint)
         if self.stage.tokenizer_dir is not None and (checkpoint / "lmforge_tokenizer.json").is_file():
             source = self.stage.tokenizer_dir
             ours = source if isinstance(source, Tokenizer) else Tokenizer.load(source)
@@ -255,7 +245,6 @@ class Trainer:
                 raise TokenizerMismatchError(f"--resume: {checkpoint} was trained with another tokenizer "
                                              f"({theirs.fingerprint[:12]}) than {self.stage.tokenizer_dir} "
                                              f"({ours.fingerprint[:12]})")
-        weights = checkpoint / "model.safetensors"
         self.raw.load_weights(load_safetensors(weights), source=str(weights))
         saved = load_trainer_state(checkpoint)
         self.state = RunState(saved["step"], saved["tokens_seen"], saved["best_val_loss"],
