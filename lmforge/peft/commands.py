@@ -12,13 +12,14 @@ from lmforge.peft.config import PeftImportConfig, PeftMergeConfig
 def peft_merge(cfg: PeftMergeConfig) -> Path:
     """Write a plain lmforge model dir whose weights are the adapter's base with its LoRA update folded in."""
     from lmforge.io import atomic_path, check_replaceable_dir
-    from lmforge.peft.files import load_adapter, merge
+    from lmforge.peft.files import load_adapter, merge, read_adapter_config
     from lmforge.tokenizer import copy_tokenizer_files
     from lmforge.convert import copy_training_record
 
     if not cfg.adapter or not cfg.out_dir:
         raise ConfigError("peft merge needs an adapter dir and an output dir: lmforge peft merge ADAPTER OUT_DIR")
-    check_replaceable_dir(cfg.out_dir, "config.json", "model dir", inputs=(cfg.adapter, cfg.base or ""))
+    recorded_base = read_adapter_config(cfg.adapter).get("base_model") or ""
+    check_replaceable_dir(cfg.out_dir, "config.json", "model dir", inputs=(cfg.adapter, cfg.base, recorded_base))
     model = merge(load_adapter(cfg.adapter, cfg.base or None))
     with atomic_path(cfg.out_dir) as tmp:
         tmp.mkdir()

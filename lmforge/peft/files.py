@@ -95,7 +95,9 @@ def load_adapter(directory: str | Path, base_dir: Optional[str | Path] = None, t
     base = load(base_path)
     fingerprint = weights_fingerprint(base)
     check_base(meta, base, fingerprint, str(directory))
-    model = wrap_base(base, PeftConfig(**meta["peft"]), str(base_path), fingerprint, tokenizer)
+    cfg = PeftConfig(**meta["peft"])
+    model = wrap_base(base, dataclasses.replace(cfg, prompt_init_text=""), str(base_path), fingerprint, tokenizer)
+    model.peft = cfg  # the weights come from the file: no initialization from a text, but the record stays
     weights = directory / ADAPTER_WEIGHTS
     model.load_weights(load_safetensors(weights), source=str(weights))
     return model.eval()
