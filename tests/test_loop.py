@@ -126,7 +126,7 @@ def test_resume_with_a_changed_model_names_the_keys(dataset, tmp_path):
     run(dataset, tmp_path / "r", max_steps=2, checkpoint_interval=2)
     changed = {**config_dict(dataset, tmp_path / "r", max_steps=4), "resume": True,
                "model": {**TINY_MODEL, "n_layer": 2, "d_ff": 48}}
-    with pytest.raises(ConfigError, match=r"n_layer \(checkpoint 1, now 2\), d_ff \(checkpoint 32, now 48\)"):
+    with pytest.raises(ConfigError, match=r"n_layer \(saved 1, now 2\), d_ff \(saved 32, now 48\)"):
         pretrain(build_config(PretrainConfig, changed))
     with pytest.raises(LmforgeError, match="add --resume to continue that run"):
         run(dataset, tmp_path / "r", max_steps=4)

@@ -45,7 +45,7 @@ def test_lora_sft_writes_an_adapter_and_resumes_exactly(base, data, tmp_path):  
     assert json.loads((stopped / "summary.json").read_text())["steps"] == 1
     resumed = sft(config(base, [str(data)], tmp_path / "stopped", peft=peft, train={"max_steps": 6}, resume=True))
     assert_same_weights(adapter_weights(resumed), adapter_weights(full))
-    with pytest.raises(Exception, match=r"peft.r \(checkpoint 4, now 8\)"):
+    with pytest.raises(Exception, match=r"peft.r \(saved 4, now 8\)"):
         sft(config(base, [str(data)], tmp_path / "stopped", peft={**peft, "r": 8}, train={"max_steps": 8},
                    resume=True))
 

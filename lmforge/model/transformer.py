@@ -396,6 +396,20 @@ class Transformer(nn.Module):
         model.load_weights(load_safetensors(directory / WEIGHTS_FILE), source=str(directory / WEIGHTS_FILE))
         return model.to(device) if device is not None else model
 
+    def saved_mismatch(self, directory: str | Path) -> Optional[str]:
+        """What differs between this model's config and the one saved in `directory` ('n_layer (saved 2, now
+        4), ...'), or None when they are the same (resuming checks a checkpoint with it)."""
+        if not (Path(directory) / CONFIG_FILE).is_file():
+            return f"{directory} holds no {CONFIG_FILE} (it was not written by a full fine-tuning run)"
+        saved, ours = ModelConfig.load(Path(directory) / CONFIG_FILE).to_dict(), self.config.to_dict()
+        differs = [f"{k} (saved {saved.get(k)!r}, now {v!r})" for k, v in ours.items() if saved.get(k) != v]
+        return ", ".join(differs) or None
+
+    def load_saved(self, directory: str | Path) -> None:
+        """Load the weights `save` wrote into `directory`."""
+        path = Path(directory) / WEIGHTS_FILE
+        self.load_weights(load_safetensors(path), source=str(path))
+
     def load_weights(self, state: dict[str, Tensor], source: str = "state dict") -> None:
         """Copy an lmforge state dict (lm_head.weight optional when tied) into the model, checking names and shapes."""
         state = dict(state)

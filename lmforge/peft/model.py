@@ -13,6 +13,7 @@ the adapter, not the base, and resume exactly.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -178,4 +179,25 @@ class PeftModel(nn.Module):
         from lmforge.peft.files import save_adapter
 
         save_adapter(self, directory)
+
+    def saved_mismatch(self, directory: Any) -> Optional[str]:
+        """What differs between this model (base config, peft settings) and the adapter saved in `directory`."""
+        from lmforge.peft.files import ADAPTER_CONFIG, read_adapter_config
+
+        if not (Path(directory) / ADAPTER_CONFIG).is_file():
+            return f"{directory} holds no {ADAPTER_CONFIG} (it was not written by a run with a peft method)"
+        meta = read_adapter_config(directory)
+        ours, base = dataclasses.asdict(self.peft), self.base.config.to_dict()
+        differs = [f"peft.{k} (saved {meta['peft'].get(k)!r}, now {v!r})" for k, v in ours.items()
+                   if meta["peft"].get(k) != v]
+        differs += [f"{k} (saved {v!r}, now {base.get(k)!r})" for k, v in meta["base_config"].items()
+                    if base.get(k) != v]
+        return ", ".join(differs) or None
+
+    def load_saved(self, directory: Any) -> None:
+        from lmforge.io import load_safetensors
+        from lmforge.peft.files import ADAPTER_WEIGHTS
+
+        path = Path(directory) / ADAPTER_WEIGHTS
+        self.load_weights(load_safetensors(path), source=str(path))
 

@@ -13,7 +13,6 @@ processes resumes on any other number, with either engine.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import shutil
 from pathlib import Path
@@ -80,36 +79,6 @@ def gather_model(model: Transformer) -> Optional[Transformer]:
 def _is_sharded(model: nn.Module) -> bool:
     """True when FSDP2 has sharded `model`'s parameters (DTensors)."""
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
-
-
-def check_checkpoint_model(model: nn.Module, checkpoint: Path) -> Path:
-    """The weights file of `checkpoint` for `model` (a Transformer or a PeftModel), after checking that the
-    checkpoint was written for the same model config and peft settings (a ConfigError naming what differs)."""
-    from lmforge.errors import ConfigError
-    from lmforge.model.config import ModelConfig
-    from lmforge.peft.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
-
-    peft = getattr(model, "peft", None)
-    if (checkpoint / ADAPTER_CONFIG).is_file() or peft is not None:
-        if peft is None or not (checkpoint / ADAPTER_CONFIG).is_file():
-            raise ConfigError(f"--resume: {checkpoint} was written by a run with{'out' if peft is not None else ''} "
-                              "a peft method; resume with the same peft settings")
-        meta = read_adapter_config(checkpoint)
-        saved, ours = meta["peft"], dataclasses.asdict(peft)
-        differs = [f"peft.{k} (checkpoint {saved.get(k)!r}, now {ours[k]!r})" for k in ours if saved.get(k) != ours[k]]
-        saved_config = ModelConfig.from_dict(meta["base_config"])
-        differs += [f"{k} (checkpoint {v!r}, now {model.base.config.to_dict().get(k)!r})"
-                    for k, v in saved_config.to_dict().items() if v != model.base.config.to_dict().get(k)]
-        if differs:
-            raise ConfigError(f"--resume: the settings differ from those of {checkpoint}: {', '.join(differs)}")
-        return checkpoint / ADAPTER_WEIGHTS
-    saved_config = ModelConfig.load(checkpoint / "config.json")
-    if saved_config != model.config:
-        old, new = saved_config.to_dict(), model.config.to_dict()
-        differs = ", ".join(f"{k} (checkpoint {old.get(k)!r}, now {new.get(k)!r})" for k in new
-                            if old.get(k) != new.get(k))
-        raise ConfigError(f"--resume: the model config differs from the one in {checkpoint}: {differs}")
-    return checkpoint / "model.safetensors"
 
 
 def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

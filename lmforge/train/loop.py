@@ -34,11 +34,11 @@ from typing import Any, Callable, ContextManager, Optional, Protocol
 import torch
 from torch import Tensor, nn
 
-from lmforge.errors import Interrupted, LmforgeError
+from lmforge.errors import ConfigError, Interrupted, LmforgeError
 from lmforge.io import atomic_write_json, check_replaceable_dir
-from lmforge.train.checkpoint import (check_checkpoint_model, gather_model, gather_optimizer_state,
-                                      latest_checkpoint, list_checkpoints, load_optimizer_state, load_trainer_state,
-                                      rng_state, save_checkpoint, save_model_dir, set_rng_state)
+from lmforge.train.checkpoint import (gather_model, gather_optimizer_state, latest_checkpoint, list_checkpoints,
+                                      load_optimizer_state, load_trainer_state, rng_state, save_checkpoint,
+                                      save_model_dir, set_rng_state)
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import (DistContext, all_reduce, barrier, no_sync, shard_model, wrap_ddp)
 from lmforge.train.loggers import ExternalLoggers
@@ -231,10 +231,11 @@ class Trainer:
 
     def _load_checkpoint(self, checkpoint: Path) -> dict[str, Any]:
         """Load weights, counters and sampler position; returns the trainer state for the optimizer and RNG."""
-        from lmforge.io import load_safetensors
         from lmforge.tokenizer import Tokenizer
 
-        weights = check_checkpoint_model(self.raw, checkpoint)
+        differs = self.raw.saved_mismatch(checkpoint)
+        if differs:
+            raise ConfigError(f"--resume: the model or its settings differ from those of {checkpoint}: {differs}")
         if self.stage.tokenizer_dir is not None and (checkpoint / "lmforge_tokenizer.json").is_file():
             source = self.stage.tokenizer_dir
             ours = source if isinstance(source, Tokenizer) else Tokenizer.load(source)
@@ -245,7 +246,7 @@ class Trainer:
                 raise TokenizerMismatchError(f"--resume: {checkpoint} was trained with another tokenizer "
                                              f"({theirs.fingerprint[:12]}) than {self.stage.tokenizer_dir} "
                                              f"({ours.fingerprint[:12]})")
-        self.raw.load_weights(load_safetensors(weights), source=str(weights))
+        self.raw.load_saved(checkpoint)
         saved = load_trainer_state(checkpoint)
         self.state = RunState(saved["step"], saved["tokens_seen"], saved["best_val_loss"],
                               saved.get("elapsed_s", 0.0))
