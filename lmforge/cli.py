@@ -56,6 +56,11 @@ COMMANDS: tuple[Command, ...] = (
             "instruction-tune a model dir on conversations (JSONL chat formats or the built-in tasks)",
             "lmforge sft runs/wn/final --data.train builtin --train.max_steps 500 --out_dir runs/sft",
             positionals=("model",)),
+    Command(("finetune",), "lmforge.stages.config:FinetuneConfig", "lmforge.stages.finetune:finetune",
+            "GPT-1 task fine-tuning: a linear head on the extract token (classify, entailment, similarity, "
+            "multiple choice) with the auxiliary LM loss",
+            "lmforge finetune runs/wn/final --task entailment --data.train builtin --lm_weight 0.5",
+            positionals=("model",)),
     Command(("peft", "merge"), "lmforge.peft.config:PeftMergeConfig", "lmforge.peft.commands:peft_merge",
             "fold a LoRA or QLoRA adapter into its base: a plain model dir with the same logits",
             "lmforge peft merge runs/sft-lora/final models/sft-merged", positionals=("adapter", "out_dir")),

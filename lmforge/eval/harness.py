@@ -142,6 +142,27 @@ def evaluate_generation(model: Any, tokenizer: Any, task: EvalTask, fmt: PromptF
     return result
 
 
+def task_head_scorer(cfg: EvalConfig, tokenizer: Any) -> Any:
+    """(built-in task, scorer) when cfg.model carries a GPT-1 task head (lmforge finetune) for a built-in task:
+    entailment scores nli and multiple_choice scores mc_define with the head instead of log-likelihoods."""
+    from lmforge.model.heads import load_task_head, read_head_config
+    from lmforge.stages.finetune import BUILTIN, builtin_items, head_accuracy
+
+    config = read_head_config(cfg.model)
+    if config is None or config["kind"] not in BUILTIN:
+        return None
+    from lmforge.device import resolve_device
+
+    model = load_task_head(cfg.model).to(resolve_device(cfg.device))
+
+    def score(task: EvalTask) -> dict[str, Any]:
+        items = builtin_items(config["kind"], cfg.split, cfg.cache_dir or None, cfg.limit)
+        accuracy = head_accuracy(model, tokenizer, items, cfg.batch_size)
+        return {"acc": accuracy, "value": accuracy, "scored_by": f"task head ({config['kind']})"}
+
+    return BUILTIN[config["kind"]], score
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report as a text table: task, n, metric, value, acc_norm, BLEU; then perplexity when measured."""
     lines = [f"{'task':<16} {'n':>5}  {'metric':<12} {'value':>8} {'acc_norm':>8} {'bleu':>7}"]
@@ -175,9 +196,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     started = time.perf_counter()
     report: dict[str, Any] = {"model": cfg.model, "format": fmt.name, "split": cfg.split, "shots": cfg.shots,
                               "tasks": {}}
+    head = task_head_scorer(cfg, tokenizer)
     for task in tasks:
         task_started = time.perf_counter()
-        if task.spec.kind == "choice":
+        if head is not None and head[0] == task.spec.name and task.source == "built-in":
+            result = head[1](task)
+        elif task.spec.kind == "choice":
             result = evaluate_choice(model, task, fmt, cfg)
         else:
             result = evaluate_generation(model, tokenizer, task, fmt, cfg)

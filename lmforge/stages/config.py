@@ -46,3 +46,33 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=_sft_train)
     out_dir: str = "runs/sft"  # the run dir; the chat model is written to OUT_DIR/final
     resume: bool = False  # continue from the newest checkpoint in out_dir (same config: --config OUT_DIR/config.json)
+
+
+def _finetune_train() -> TrainConfig:
+    return TrainConfig(batch_size=16, max_steps=500, lr=3e-4, min_lr=3e-5, weight_decay=0.0, eval_interval=100,
+                       eval_batches=20, checkpoint_interval=250, log_interval=10)
+
+
+@dataclass
+class FinetuneDataSection:
+    train: list[str] = field(default_factory=lambda: ["builtin"])  # JSONL files, or builtin: the built-in nli
+                                                                   # (entailment) or mc_define (multiple_choice)
+    val: list[str] = field(default_factory=list)  # held-out JSONL files; empty: val_fraction of the train files
+                                                  # (builtin: its validation split)
+    val_fraction: float = 0.05  # items held out (by a hash of their text) when no val files are given
+    max_examples: int = 0  # at most this many training items (0 = all)
+    seq_len: Optional[int] = None  # tokens per sequence at most; None -> the model's block_size
+    cache_dir: Optional[str] = None  # built-in task cache; None = $LMFORGE_CACHE or ~/.cache/lmforge
+
+
+@dataclass
+class FinetuneConfig:
+    model: str = ""  # the base model dir (lmforge or Hugging Face), with its tokenizer
+    task: Literal["classify", "entailment", "similarity", "multiple_choice"] = "entailment"  # GPT-1's input
+                                                                   # transformations and head
+    lm_weight: float = 0.5  # lambda of L3 = L2 + lambda * L1 (the auxiliary language-modelling loss); 0 = off
+    data: FinetuneDataSection = field(default_factory=FinetuneDataSection)
+    peft: PeftConfig = field(default_factory=PeftConfig)  # method none = full fine-tuning
+    train: TrainConfig = field(default_factory=_finetune_train)
+    out_dir: str = "runs/finetune"  # the run dir; the model with its head is written to OUT_DIR/final
+    resume: bool = False  # continue from the newest checkpoint in out_dir (same config: --config OUT_DIR/config.json)

@@ -30,7 +30,7 @@ from lmforge.tasks.formats import iter_jsonl, parse_record
 from lmforge.tokenizer import Tokenizer, model_dir_tokenizer
 from lmforge.train.distributed import close_distributed, init_distributed
 from lmforge.train.loop import Stage, train
-from lmforge.train.packing import RowSampler, fixed_batches, pack_examples, pad_examples, trained_tokens
+from lmforge.train.packing import fixed_batches, pack_examples, pad_examples, row_sampler, trained_tokens
 
 __all__ = ["SFTConfig", "SFTDataSection", "sft", "conversation_examples"]
 
@@ -108,22 +108,22 @@ def conversation_examples(items: list[tuple[str, Conversation]], tokenizer: Toke
     return examples, counts
 
 
-def base_model(cfg: SFTConfig) -> tuple[Any, Tokenizer]:
-    """The base model and its tokenizer, which must fit the model and have a chat template."""
+def base_model(model_dir: str, command: str = "sft", chat: bool = True) -> tuple[Any, Tokenizer]:
+    """The base model and its tokenizer, which must fit the model (and with `chat`, have a chat template)."""
     from lmforge.convert import load
 
-    if not cfg.model:
-        raise ConfigError("sft needs a base model dir: lmforge sft MODEL_DIR --data.train FILE.jsonl")
-    model = load(cfg.model)
-    tokenizer = model_dir_tokenizer(cfg.model)
+    if not model_dir:
+        raise ConfigError(f"{command} needs a base model dir: lmforge {command} MODEL_DIR --data.train FILE.jsonl")
+    model = load(model_dir)
+    tokenizer = model_dir_tokenizer(model_dir)
     if tokenizer is None:
-        raise DataError(f"base model dir {cfg.model}: no tokenizer files (tokenizer.json); copy the model's "
+        raise DataError(f"base model dir {model_dir}: no tokenizer files (tokenizer.json); copy the model's "
                         "tokenizer into it")
-    if tokenizer.chat_template is None:
-        raise TokenizerMismatchError(f"base model dir {cfg.model}: its tokenizer has no chat template and not "
+    if chat and tokenizer.chat_template is None:
+        raise TokenizerMismatchError(f"base model dir {model_dir}: its tokenizer has no chat template and not "
                                      "lmforge's chat tokens; give it a chat_template in tokenizer_config.json")
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise TokenizerMismatchError(f"base model dir {cfg.model}: tokenizer vocab_size {tokenizer.vocab_size} "
+        raise TokenizerMismatchError(f"base model dir {model_dir}: tokenizer vocab_size {tokenizer.vocab_size} "
                                      f"exceeds the model's {model.config.vocab_size}")
     return model, tokenizer
 
@@ -134,7 +134,7 @@ def sft(cfg: SFTConfig) -> Path:
         raise ConfigError(f"data.truncation must be truncate, drop or error, got {cfg.data.truncation!r}")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    model, tokenizer = base_model(cfg)
+    model, tokenizer = base_model(cfg.model)
     seq_len = cfg.data.seq_len or model.config.block_size
     if not 1 < seq_len <= model.config.block_size:
         raise ConfigError(f"data.seq_len={seq_len} must be in 2..{model.config.block_size} (the model's block_size)")
@@ -187,16 +187,16 @@ def build_stage(cfg: SFTConfig, model: Any, tokenizer: Tokenizer, train_examples
     return Stage(
         name="sft", config=cfg, train=tc, out_dir=Path(cfg.out_dir), resume=cfg.resume, model=model,
         objective=functools.partial(sft_loss, sync=False), eval_objective=sft_loss,
-        batches=RowSampler(rows, pad_id, data.packing, tc.seed),
+        batches=row_sampler(rows, pad_id, data.packing, tc.seed),
         val_batches=fixed_batches(val_rows[:tc.eval_batches * tc.batch_size], tc.batch_size, pad_id, data.packing,
                                   ctx.rank, ctx.world_size, ctx.device),
-        tokens_per_sample=seq_len, tokenizer_dir=_tokenizer_source(cfg.model, tokenizer), inputs=inputs,
+        tokens_per_sample=seq_len, tokenizer_dir=tokenizer_source(cfg.model, tokenizer), inputs=inputs,
         model_files={"training.json": {"stage": "sft", "chat": True, "base_model": str(cfg.model),
                                        "peft": cfg.peft.method, "train_on": data.train_on, "data": list(data.train)}},
         warnings=warnings, summary=figures)
 
 
-def _tokenizer_source(model_dir: str, tokenizer: Tokenizer) -> Any:
+def tokenizer_source(model_dir: str, tokenizer: Tokenizer) -> Any:
     """What the run's model dirs get as their tokenizer: the base dir's lmforge tokenizer files, or for a Hugging
     Face base the tokenizer itself (saved with its chat template into lmforge_tokenizer.json)."""
     if (Path(model_dir) / "lmforge_tokenizer.json").is_file():

@@ -110,26 +110,35 @@ def precision_context(device: torch.device, half: Optional[torch.dtype]) -> Cont
 
 
 def evaluate(model: nn.Module, batches: list[Batch], objective: Objective, precision: ContextManager,
-             device: torch.device) -> Optional[float]:
-    """Token-weighted mean validation loss over all processes' batches (None if there are none).
+             device: torch.device) -> tuple[Optional[float], dict[str, float]]:
+    """Token-weighted means over all processes' batches of the objective's metrics: (loss, the others such as
+    accuracy); (None, {}) if there are no batches.
 
     Every process calls the model equally often, since an FSDP forward is collective: one with fewer batches (its
     share of the last batch can be empty) runs it on a dummy token and discards the result.
     """
-    loss_sum, tokens = 0.0, 0.0
+    sums: dict[str, float] = {}
+    tokens = 0.0
     rounds = int(all_reduce([float(len(batches))], device, op="max")[0])
     was_training = model.training
     model.eval()
     with torch.no_grad(), precision:
         for batch in batches:
             _, metrics = objective(model, batch)
-            loss_sum += float(metrics["loss"]) * float(metrics["tokens"])
-            tokens += float(metrics["tokens"])
+            weight = float(metrics["tokens"])
+            for key, value in metrics.items():
+                if key != "tokens":
+                    sums[key] = sums.get(key, 0.0) + float(value) * weight
+            tokens += weight
         for _ in range(rounds - len(batches)):
             model(torch.zeros((1, 1), dtype=torch.long, device=device))
     model.train(was_training)
-    loss_sum, tokens = all_reduce([loss_sum, tokens], device)
-    return loss_sum / tokens if tokens else None
+    keys = sorted(sums) if sums else ["loss"]
+    totals = all_reduce([sums.get(k, 0.0) for k in keys] + [tokens], device)
+    if not totals[-1]:
+        return None, {}
+    means = {k: v / totals[-1] for k, v in zip(keys, totals[:-1])}
+    return means.pop("loss"), means
 
 
 def prepare_run_dir(stage: Stage, ctx: DistContext) -> Optional[Path]:
@@ -221,6 +230,7 @@ class Trainer:
         self.by_clock = self.tc.max_steps == 0
         self.lr = 0.0
         self.reserve_s = {"val": None, "save": None}  # measured durations of the last validation and checkpoint
+        self.val_others: dict[str, float] = {}  # the last validation's other figures (val_accuracy, ...)
         has_val = all_reduce([float(len(stage.val_batches))], self.device)[0] > 0
         if not has_val and not any("validation" in w for w in self.warnings):  # unless the stage said why
             self.warnings.append("no validation batches: val_loss will be null (the held-out split is empty or "
@@ -307,13 +317,14 @@ class Trainer:
     def validate(self) -> Optional[float]:
         start = time.perf_counter()
         objective = self.stage.eval_objective or self.stage.objective
-        val_loss = evaluate(self.forward, self.stage.val_batches, objective, self.precision(), self.device)
+        val_loss, others = evaluate(self.forward, self.stage.val_batches, objective, self.precision(), self.device)
         self.reserve_s["val"] = time.perf_counter() - start
         if val_loss is not None and (self.state.best_val_loss is None or val_loss < self.state.best_val_loss):
             self.state.best_val_loss = val_loss
+        self.val_others = {f"val_{k}": v for k, v in others.items()}
         if self.main:
             record = {"kind": "val", "step": self.state.step, "tokens": self.state.tokens_seen, "val_loss": val_loss,
-                      **self.stage.val_figures(val_loss)}
+                      **self.stage.val_figures(val_loss), **self.val_others}
             self.metrics.write(record)
             self.loggers.log(record)
         return val_loss
@@ -413,7 +424,7 @@ class Trainer:
             self.finish(final_model, {
                 "stage": self.stage.name, "steps": state.step, "tokens_seen": state.tokens_seen,
                 "wall_time_s": self.elapsed(), "train_loss": train_loss, "val_loss": val_loss,
-                "best_val_loss": state.best_val_loss, **self.stage.val_figures(val_loss),
+                "best_val_loss": state.best_val_loss, **self.stage.val_figures(val_loss), **self.val_others,
                 "tokens_per_s": tok_per_s, "mfu": self._utilisation(tok_per_s) if tok_per_s else 0.0,
                 "peak_flops": self.peak, "peak_flops_source": self.peak_source, "stopped_early": stopped_early,
                 "schedule": "clock" if self.by_clock else "steps", "warnings": self.warnings, **self.stage.summary})

@@ -11,15 +11,15 @@ as the pairs (ids[t], ids[t+1]) for t < n - 1, the target kept where mask[t+1] a
 - padded: one example per row; a batch is right-padded to its longest row. Right padding needs no attention mask:
   causal attention never lets a real token see the padding after it, and padding is never a target.
 
-`RowSampler` serves rows as an endless stream: epoch e is a permutation of the rows drawn from numpy's PCG64 seeded
-with (seed, e), a global batch is the next `global_batch` samples, rank r of W takes its contiguous share, and the
-whole state is (epoch, index), so a run resumes exactly (with any process count).
+`ShuffledSampler` serves rows (or any items) as an endless stream: epoch e is a permutation of the items drawn from
+numpy's PCG64 seeded with (seed, e), a global batch is the next `global_batch` samples, rank r of W takes its
+contiguous share, and the whole state is (epoch, index), so a run resumes exactly (with any process count).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -105,39 +105,46 @@ def trained_tokens(rows: Sequence[Row]) -> int:
     return sum(t != IGNORE_INDEX for r in rows for t in r.targets)
 
 
-class RowSampler:
-    """Shuffled rows as an endless, seekable stream (see the module docstring)."""
+class ShuffledSampler:
+    """Items (rows, or whole examples) as an endless, seekable stream (see the module docstring): `collate` turns a
+    rank's share of a global batch into tensors."""
 
-    def __init__(self, rows: Sequence[Row], pad_id: int, packed: bool, seed: int) -> None:
-        if not rows:
+    def __init__(self, items: Sequence[Any], collate_items: Callable[[list, torch.device], dict[str, torch.Tensor]],
+                 seed: int) -> None:
+        if not items:
             raise DataError("no training examples left (every example was dropped or the data is empty)")
-        self.rows, self.pad_id, self.packed, self.seed = list(rows), pad_id, packed, seed
+        self.items, self.collate_items, self.seed = list(items), collate_items, seed
         self.sample = 0
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
-    def row(self, k: int) -> Row:
-        epoch, index = divmod(k, len(self.rows))
+    def item(self, k: int) -> Any:
+        epoch, index = divmod(k, len(self.items))
         if epoch != self._epoch:
-            self._order = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.rows))
+            self._order = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.items))
             self._epoch = epoch
-        return self.rows[int(self._order[index])]
+        return self.items[int(self._order[index])]
 
     def next_batch(self, global_batch: int, rank: int, world: int, device: torch.device) -> dict[str, torch.Tensor]:
         share = global_batch // world
         start = self.sample + rank * share
         self.sample += global_batch
-        return collate([self.row(k) for k in range(start, start + share)], self.pad_id, self.packed, device)
+        return self.collate_items([self.item(k) for k in range(start, start + share)], device)
 
     def state_dict(self) -> dict[str, Any]:
-        epoch, index = divmod(self.sample, len(self.rows))
-        return {"epoch": epoch, "index": index, "rows": len(self.rows), "seed": self.seed}
+        epoch, index = divmod(self.sample, len(self.items))
+        return {"epoch": epoch, "index": index, "rows": len(self.items), "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["rows"] != len(self.rows):
+        if state["rows"] != len(self.items):
             raise DataError(f"checkpoint was written for {state['rows']} training rows, the data now gives "
-                            f"{len(self.rows)} (the same data, seq_len and packing are needed to resume)")
+                            f"{len(self.items)} (the same data, seq_len and packing are needed to resume)")
         self.seed, self._epoch = state["seed"], -1
-        self.sample = state["epoch"] * len(self.rows) + state["index"]
+        self.sample = state["epoch"] * len(self.items) + state["index"]
+
+
+def row_sampler(rows: Sequence[Row], pad_id: int, packed: bool, seed: int) -> ShuffledSampler:
+    """The sampler of packed or padded rows."""
+    return ShuffledSampler(rows, lambda chosen, device: collate(chosen, pad_id, packed, device), seed)
 
 
 def fixed_batches(rows: Sequence[Row], batch_size: int, pad_id: int, packed: bool, rank: int, world: int,
