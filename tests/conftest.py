@@ -59,3 +59,20 @@ def wait_while_running(done, process, timeout: float = 90.0) -> None:
             raise AssertionError(f"the process exited early: {process.stderr.read().decode()[-2000:]}")
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny chat-ready base model dir (LLaMA style, block 64) whose tokenizer knows the SFT test pairs."""
+    from lmforge.model import ModelConfig, Transformer
+    from lmforge.tokenizer import Tokenizer
+
+    from test_sft import PAIRS
+
+    root = tmp_path_factory.mktemp("sftbase")
+    texts = [f"{q} {a}" for q, a in PAIRS] + ["the cat sat on the mat", "a dog is a friend"]
+    tok = Tokenizer.train(texts * 20, vocab_size=320)
+    torch.manual_seed(0)
+    Transformer(ModelConfig.preset("tiny-llama", vocab_size=tok.vocab_size, block_size=64, d_model=32)).save(root)
+    tok.save(root)
+    return root

@@ -15,7 +15,7 @@ from lmforge.stages.finetune import Item, Transform, finetune, head_accuracy
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.metrics import MetricsLog
 
-from test_sft import base, write_jsonl  # noqa: F401 (base is a fixture)
+from test_sft import write_jsonl
 from test_train import assert_same_weights, weights
 
 WORDS = ["cat", "dog", "rose", "tulip", "oak", "pine", "trout", "carp"]
@@ -40,14 +40,14 @@ def records(task: str, n: int = 64) -> list[dict]:
     return out
 
 
-def config(base: Path, task: str, files: list[str], out_dir: Path, **overrides) -> FinetuneConfig:  # noqa: F811
+def config(base: Path, task: str, files: list[str], out_dir: Path, **overrides) -> FinetuneConfig:
     tc = {"device": "cpu", "batch_size": 8, "max_steps": 40, "lr": 3e-3, "warmup_steps": 2, "eval_interval": 20,
           "eval_batches": 2, "checkpoint_interval": 20, "log_interval": 5, **overrides.pop("train", {})}
     return build_config(FinetuneConfig, {"model": str(base), "task": task, "data": {"train": files, "val_fraction": 0.2},
                                          "train": tc, "out_dir": str(out_dir), **overrides})
 
 
-def test_gpt1_input_transformations(base):  # noqa: F811
+def test_gpt1_input_transformations(base):
     tok = Tokenizer.load(base)
     start, delim, extract = tok.bos_id, tok.special_ids["reserved_0"], tok.special_ids["reserved_1"]
     t = Transform(tok, "similarity", seq_len=64)
@@ -68,7 +68,7 @@ def test_gpt1_input_transformations(base):  # noqa: F811
 
 
 @pytest.mark.parametrize("task", ["classify", "entailment", "similarity", "multiple_choice"])
-def test_every_task_kind_learns_its_labels(base, tmp_path, task):  # noqa: F811
+def test_every_task_kind_learns_its_labels(base, tmp_path, task):
     data = write_jsonl(tmp_path / "d.jsonl", records(task))
     run_dir = finetune(config(base, task, [str(data)], tmp_path / "run"))
     val = [r for r in MetricsLog(run_dir / "metrics.jsonl").read() if r["kind"] == "val"]
@@ -83,7 +83,7 @@ def test_every_task_kind_learns_its_labels(base, tmp_path, task):  # noqa: F811
     assert json.loads((run_dir / "final" / "task_head.json").read_text())["kind"] == task
 
 
-def test_lambda_zero_drops_the_language_modelling_loss_and_peft_trains_the_head(base, tmp_path):  # noqa: F811
+def test_lambda_zero_drops_the_language_modelling_loss_and_peft_trains_the_head(base, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", records("classify"))
     run_dir = finetune(config(base, "classify", [str(data)], tmp_path / "run", lm_weight=0.0,
                               peft={"method": "lora", "r": 4}, train={"max_steps": 10}))
@@ -94,7 +94,7 @@ def test_lambda_zero_drops_the_language_modelling_loss_and_peft_trains_the_head(
     assert load_task_head(run_dir / "final").lm.peft.method == "lora"
 
 
-def test_resume_is_exact_with_the_head(base, tmp_path):  # noqa: F811
+def test_resume_is_exact_with_the_head(base, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", records("multiple_choice"))
     full = finetune(config(base, "multiple_choice", [str(data)], tmp_path / "full", train={"max_steps": 6}))
     stopped = finetune(config(base, "multiple_choice", [str(data)], tmp_path / "stopped",
@@ -109,7 +109,7 @@ def test_resume_is_exact_with_the_head(base, tmp_path):  # noqa: F811
                         load_file(str(full / "final" / "task_head.safetensors")))
 
 
-def test_bad_items_name_file_and_line(base, tmp_path, capsys):  # noqa: F811
+def test_bad_items_name_file_and_line(base, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"premise": "x", "label": "entailment"}])
     assert main(["finetune", str(base), "--task", "entailment", "--data.train", str(bad), "--out_dir",
                  str(tmp_path / "run")]) == 2
@@ -122,7 +122,7 @@ def test_bad_items_name_file_and_line(base, tmp_path, capsys):  # noqa: F811
                    "multiple_choice")
 
 
-def test_eval_scores_the_matching_built_in_task_with_the_head(base, tmp_path, monkeypatch):  # noqa: F811
+def test_eval_scores_the_matching_built_in_task_with_the_head(base, tmp_path, monkeypatch):
     import lmforge.stages.finetune as finetune_module
     import lmforge.tasks.builtin as builtin
     from lmforge.eval.config import EvalConfig

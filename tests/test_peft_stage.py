@@ -12,7 +12,7 @@ from lmforge.convert import load
 from lmforge.stages.sft import sft
 from lmforge.train.checkpoint import latest_checkpoint
 
-from test_sft import base, chat_records, config, write_jsonl  # noqa: F401 (base is a fixture)
+from test_sft import chat_records, config, write_jsonl
 from test_train import assert_same_weights
 
 
@@ -27,7 +27,7 @@ def data(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("peftdata") / "d.jsonl", chat_records("messages"))
 
 
-def test_lora_sft_writes_an_adapter_and_resumes_exactly(base, data, tmp_path):  # noqa: F811
+def test_lora_sft_writes_an_adapter_and_resumes_exactly(base, data, tmp_path):
     peft = {"method": "lora", "targets": ["q", "v", "down"], "r": 4, "alpha": 8}
     full = sft(config(base, [str(data)], tmp_path / "full", peft=peft, train={"max_steps": 6}))
     final = full / "final"
@@ -50,7 +50,7 @@ def test_lora_sft_writes_an_adapter_and_resumes_exactly(base, data, tmp_path):  
                    resume=True))
 
 
-def test_the_adapter_dir_generates_chats_evaluates_and_merges(base, data, tmp_path, capsys):  # noqa: F811
+def test_the_adapter_dir_generates_chats_evaluates_and_merges(base, data, tmp_path, capsys):
     run_dir = sft(config(base, [str(data)], tmp_path / "run", train={"max_steps": 4},
                          peft={"method": "lora", "targets": ["q", "v"], "r": 4}))
     final = run_dir / "final"
@@ -73,7 +73,7 @@ def test_the_adapter_dir_generates_chats_evaluates_and_merges(base, data, tmp_pa
                                   {"method": "prompt", "virtual_tokens": 4, "prompt_init_text": "answer"},
                                   {"method": "qlora", "quantize": "nf4", "group_size": 16, "targets": ["q", "v"]},
                                   {"method": "adapter", "adapter_size": 8}])
-def test_every_method_trains_on_packed_conversations(base, data, tmp_path, peft):  # noqa: F811
+def test_every_method_trains_on_packed_conversations(base, data, tmp_path, peft):
     run_dir = sft(config(base, [str(data)], tmp_path / "run", peft=peft, train={"max_steps": 12, "lr": 1e-2}))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in records if r["kind"] == "train"]

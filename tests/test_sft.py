@@ -28,17 +28,6 @@ PAIRS = [("a dog is a kind of", "animal"), ("the opposite of hot", "cold"), ("2 
          ("a rose is a kind of", "flower"), ("the opposite of up", "down"), ("4 + 4", "8"), ("the dog", "der Hund")]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sftbase")
-    texts = [f"{q} {a}" for q, a in PAIRS] + ["the cat sat on the mat", "a dog is a friend"]
-    tok = Tokenizer.train(texts * 20, vocab_size=320)
-    torch.manual_seed(0)
-    Transformer(ModelConfig.preset("tiny-llama", vocab_size=tok.vocab_size, block_size=64, d_model=32)).save(root)
-    tok.save(root)
-    return root
-
-
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
