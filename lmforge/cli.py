@@ -88,6 +88,9 @@ COMMANDS: tuple[Command, ...] = (
             "lmforge quickstart --out_dir runs/quickstart --time_budget_s 480"),
 )
 
+# Repeatable options whose values are free text, never split on commas: `--prompt 'Hello, world'`, `--stop ','`.
+FREE_TEXT_LISTS = {"prompt", "stop"}
+
 
 def _import(target: str) -> Any:
     module_name, name = target.split(":")
@@ -118,8 +121,9 @@ def _add_config_options(parser: argparse.ArgumentParser, cfg_cls: type, position
                                       help=f"{comment} ({_type_name(tp)}{shown})".lstrip())
         if is_bool:
             kwargs.update(nargs="?", const="true")
-        if is_list:  # repeat the option for several values: --prompt 'Hello, world' --prompt 'Hi'
-            kwargs.update(action="append", help=f"{comment} (repeatable{shown})".lstrip())
+        if is_list:  # repeat the option or separate values by commas: --tasks a,b --tasks c; free text only repeats
+            kind = "repeatable" if key.rsplit(".", 1)[-1] in FREE_TEXT_LISTS else "comma-separated or repeatable"
+            kwargs.update(action="append", help=f"{comment} ({kind}{shown})".lstrip())
         names = [f"--{key}"]
         if "_" in key:
             names.append(f"--{key.replace('_', '-')}")
@@ -176,9 +180,17 @@ def build_parser(cmd: Command) -> argparse.ArgumentParser:
     return parser
 
 
+def _split_commas(key: str, value: Any) -> Any:
+    """A repeatable option's values, each split on commas (`--tasks a,b --tasks c` is [a, b, c]), except free text."""
+    if not isinstance(value, list) or key.rsplit(".", 1)[-1] in FREE_TEXT_LISTS:
+        return value
+    return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+
+
 def run_command(cmd: Command, args: argparse.Namespace) -> Any:
     values = vars(args)
-    overrides = {k[len("cfg:"):]: v for k, v in values.items() if k.startswith("cfg:")}
+    overrides = {k[len("cfg:"):]: _split_commas(k[len("cfg:"):], v) for k, v in values.items()
+                 if k.startswith("cfg:")}
     for key in cmd.positionals:
         if values.get(f"_pos_{key}") is not None:
             overrides[key] = values[f"_pos_{key}"]

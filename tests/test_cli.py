@@ -184,3 +184,12 @@ def test_convert_without_tokenizer_warns_and_files_follow_the_umask(tmp_path, ca
     os.umask(mask)
     for model_dir in (path, tmp_path / "hf"):
         assert (model_dir / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_list_options_split_on_commas_except_free_text():
+    from lmforge.cli import _split_commas
+
+    assert _split_commas("data.builtin_tasks", ["antonym,nli", "hypernym"]) == ["antonym", "nli", "hypernym"]
+    assert _split_commas("prompt", ["Hello, world"]) == ["Hello, world"]
+    assert _split_commas("stop", [","]) == [","]
+    assert _split_commas("peft.targets", "q,v") == "q,v"  # a single value is the config parser's to split

@@ -208,6 +208,7 @@ class Trainer:
         self.raw.to(self.device)
         shard_model(self.raw, ctx, self.tc.parallel)  # fsdp: in place, so the optimizer holds only this shard
         self.optimizer = build_optimizer(self.raw, self.tc, self.device.type)
+        self.trainable = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])
         if saved:
             load_optimizer_state(self.raw, self.optimizer, saved["optimizer"])
         if ctx.rank == 0 and saved:
@@ -423,6 +424,7 @@ class Trainer:
             tok_per_s = (state.step - start_step) * self.tokens_per_step / train_time if train_time else 0.0
             self.finish(final_model, {
                 "stage": self.stage.name, "steps": state.step, "tokens_seen": state.tokens_seen,
+                "parameters": self.raw.num_parameters(), "trainable_parameters": self.trainable,
                 "wall_time_s": self.elapsed(), "train_loss": train_loss, "val_loss": val_loss,
                 "best_val_loss": state.best_val_loss, **self.stage.val_figures(val_loss), **self.val_others,
                 "tokens_per_s": tok_per_s, "mfu": self._utilisation(tok_per_s) if tok_per_s else 0.0,
