@@ -2,7 +2,7 @@
 and step budget. Each method runs `lmforge sft` in its own process (peak memory is that process's maximum resident
 set, from os.wait4), then `lmforge eval` scores its model on the held-out test split of the same tasks.
 
-    python bench/bench_peft.py --base runs/sft-results/quickstart/run/final --steps 300
+    python bench/bench_peft.py --base runs/sft-results/quickstart/run/final --steps 1500
     python bench/bench_peft.py --base ... --methods full,lora --tasks antonym,nli --out runs/bench-peft
 
 Prints a markdown table (trainable parameters, peak memory, seconds per step, final validation loss, held-out
@@ -19,16 +19,35 @@ import sys
 import time
 from pathlib import Path
 
+ALL_LINEAR = "q,k,v,o,gate,up,down"  # LoRA on every projection, as QLoRA does
 METHODS = {
     "full": [],
-    "lora": ["--peft.method", "lora", "--peft.targets", "q,v", "--peft.r", "8"],
-    "qlora-int8": ["--peft.method", "qlora", "--peft.quantize", "int8", "--peft.targets", "q,v", "--peft.r", "8"],
-    "qlora-nf4": ["--peft.method", "qlora", "--peft.quantize", "nf4", "--peft.targets", "q,v", "--peft.r", "8"],
+    "lora": ["--peft.method", "lora", "--peft.targets", ALL_LINEAR, "--peft.r", "8"],
+    "qlora-int8": ["--peft.method", "qlora", "--peft.quantize", "int8", "--peft.targets", ALL_LINEAR, "--peft.r", "8"],
+    "qlora-nf4": ["--peft.method", "qlora", "--peft.quantize", "nf4", "--peft.targets", ALL_LINEAR, "--peft.r", "8"],
     "adapter": ["--peft.method", "adapter", "--peft.adapter_size", "16"],
     "prefix": ["--peft.method", "prefix", "--peft.virtual_tokens", "16"],
     "prompt": ["--peft.method", "prompt", "--peft.virtual_tokens", "16"],
 }
-LEARNING_RATES = {"full": "2e-3", "prefix": "1e-2", "prompt": "3e-2"}  # LoRA-style methods: 5e-3
+LEARNING_RATES = {"full": "2e-3", "prefix": "1e-2", "prompt": "3e-2"}  # the others: 5e-3
+
+
+def state_bytes(base: str, method: str) -> int:
+    """Bytes of what training keeps per parameter: the weights and buffers as stored (a quantized base takes 1 or
+    0.5 byte a weight), plus a gradient and AdamW's two moments (float32) for each trainable parameter."""
+    from lmforge.convert import load
+    from lmforge.config import build_config
+    from lmforge.peft.config import PeftConfig
+    from lmforge.peft.files import wrap_base
+
+    model = load(base)
+    if method != "full":
+        flags = METHODS[method]
+        settings = {flags[i].removeprefix("--peft."): flags[i + 1] for i in range(0, len(flags), 2)}
+        model = wrap_base(model, build_config(PeftConfig, settings), base)
+    stored = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return stored + 3 * 4 * trainable
 
 
 def run(cmd: list[str]) -> tuple[float, int]:
@@ -46,7 +65,7 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="the base model dir")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--tasks", default="antonym,hypernym,nli", help="built-in tasks trained and evaluated")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--per_task_limit", type=int, default=5000)
     parser.add_argument("--limit", type=int, default=500, help="test examples per task")
     parser.add_argument("--out", default="runs/bench-peft")
@@ -67,6 +86,7 @@ def main() -> None:
         report = json.loads((out / "eval.json").read_text())["tasks"]
         row = {"method": method, "trainable_parameters": summary["trainable_parameters"],
                "parameters": summary["parameters"], "peak_rss_mib": round(peak / 2**20),
+               "state_mib": round(state_bytes(args.base, method) / 2**20, 2),
                "s_per_step": round(summary["wall_time_s"] / summary["steps"], 4), "val_loss": summary["val_loss"],
                "lr": float(lr), "steps": summary["steps"], "wall_s": round(seconds, 1),
                **{task: round(result["value"], 4) for task, result in report.items()}}
@@ -75,13 +95,14 @@ def main() -> None:
         with open(Path(__file__).parent / "results_peft.jsonl", "a") as f:
             f.write(json.dumps({**row, "base": args.base, "tasks": args.tasks}) + "\n")
     tasks = args.tasks.split(",")
-    print("\n| method | trainable parameters | peak memory | s/step | val loss | " + " | ".join(tasks) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(tasks))
+    print("\n| method | trainable parameters | weights + training state | peak RSS | s/step | val loss | "
+          + " | ".join(tasks) + " |")
+    print("|---|---|---|---|---|---|" + "---|" * len(tasks))
     for r in rows:
         share = 100 * r["trainable_parameters"] / r["parameters"]
         figures = " | ".join(f"{100 * r[t]:.1f}%" for t in tasks)
-        print(f"| {r['method']} | {r['trainable_parameters']:,} ({share:.2f}%) | {r['peak_rss_mib']} MiB | "
-              f"{r['s_per_step']:.3f} | {r['val_loss']:.3f} | {figures} |")
+        print(f"| {r['method']} | {r['trainable_parameters']:,} ({share:.2f}%) | {r['state_mib']} MiB | "
+              f"{r['peak_rss_mib']} MiB | {r['s_per_step']:.3f} | {r['val_loss']:.3f} | {figures} |")
 
 
 if __name__ == "__main__":

@@ -92,12 +92,17 @@ class PeftModel(nn.Module):
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
+    def quantized_weights(self) -> int:
+        """Weights the base stores quantized (buffers, not parameters, yet multiplied like any weight)."""
+        return sum(m.in_features * m.out_features for m in self.base.modules() if isinstance(m, QuantLinear))
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """The base's parameters (quantized weights included) and the method's."""
         extra = sum(p.numel() for n, p in self.named_parameters() if not n.startswith("base."))
-        return self.base.num_parameters(exclude_embeddings) + extra
+        return self.base.num_parameters(exclude_embeddings) + self.quantized_weights() + extra
 
     def flops_per_token(self, seq_len: int) -> int:
-        return self.base.flops_per_token(seq_len + self.virtual)
+        return self.base.flops_per_token(seq_len + self.virtual) + 6 * self.quantized_weights()
 
     def virtual_keys_values(self, batch_size: int) -> list[tuple[Tensor, Tensor]]:
         """Per layer (key, value) of the virtual tokens, (B, n_kv_head, P, head_dim) each: the learned prefix, or

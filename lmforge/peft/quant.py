@@ -48,7 +48,7 @@ def quantize_nf4(weight: Tensor, group_size: int = 64) -> tuple[Tensor, Tensor]:
                           "(an even number)")
     groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
     absmax = groups.abs().amax(dim=2).clamp(min=1e-12)  # (out, in / G)
-    normalized = (groups / absmax[..., None]).reshape(out_features, in_features)
+    normalized = (groups / absmax[..., None]).reshape(out_features, in_features).contiguous()
     levels = NF4_LEVELS.to(normalized.device)
     codes = torch.bucketize(normalized, (levels[1:] + levels[:-1]) / 2).to(torch.uint8)  # nearest level
     return codes[:, 0::2] | (codes[:, 1::2] << 4), absmax
