@@ -81,3 +81,23 @@ def test_every_method_trains_on_packed_conversations(base, data, tmp_path, peft)
     model = load(run_dir / "final")
     assert main(["generate", str(run_dir / "final"), "--prompt", "the cat", "--max_new_tokens", "3"]) == 0
     assert model.peft.method == peft["method"]
+
+
+@pytest.mark.slow
+def test_lora_sft_under_ddp_matches_one_process(base, data, tmp_path):
+    import subprocess
+    import sys
+
+    from lmforge.config import config_to_dict
+    from test_train import REPO, subprocess_env
+
+    peft = {"method": "lora", "targets": ["q", "v"], "r": 4}
+    settings = {"max_steps": 4, "batch_size": 4, "grad_accum": 2}
+    two_cfg = config(base, [str(data)], tmp_path / "two", peft=peft, train=settings)
+    (tmp_path / "two.json").write_text(json.dumps(config_to_dict(two_cfg)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "lmforge", "sft", "--config", str(tmp_path / "two.json")],
+                            env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = sft(config(base, [str(data)], tmp_path / "one", peft=peft, train=settings))
+    assert_same_weights(adapter_weights(tmp_path / "two"), adapter_weights(one), atol=1e-5)

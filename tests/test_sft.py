@@ -203,3 +203,13 @@ def test_sft_from_a_hugging_face_base_keeps_its_chat_template(base, tmp_path):
     assert final.uses_lmforge_chat and final.fingerprint == Tokenizer.load(base).fingerprint
     assert main(["chat", str(run_dir / "final"), "--prompt", "2 + 3", "--temperature", "0",
                  "--max_new_tokens", "3"]) == 0
+
+
+def test_accumulation_weighs_conversations_by_their_tokens(base, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_records("messages"))
+    split = sft(config(base, [str(data)], tmp_path / "split", data={"packing": False},
+                       train={"max_steps": 3, "batch_size": 2, "grad_accum": 4}))
+    whole = sft(config(base, [str(data)], tmp_path / "whole", data={"packing": False},
+                       train={"max_steps": 3, "batch_size": 8, "grad_accum": 1}))
+    assert train_losses(split) == pytest.approx(train_losses(whole), abs=1e-5)
+    assert_same_weights(weights(split), weights(whole), atol=1e-5)

@@ -222,7 +222,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
             model_files={"training.json": {"stage": "finetune", "chat": False, "task": cfg.task,
                                            "base_model": str(cfg.model), "peft": cfg.peft.method,
                                            "lm_weight": cfg.lm_weight}},
-            summary={"train_items": len(train_items), "val_items": len(val_items), "labels": labels})
+            summary={"train_items": len(train_items), "val_items": len(val_items), "labels": labels},
+            count_terms=lambda batch: int(batch["labels"].numel()))
         return train(stage, ctx)
     finally:
         close_distributed(ctx)

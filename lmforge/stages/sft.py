@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import torch
 
 from lmforge.data.mixture import hash_fraction
+from lmforge.model.fused_loss import IGNORE_INDEX
 from lmforge.errors import ConfigError, DataError, TokenizerMismatchError
 from lmforge.objectives.sft import sft_loss
 from lmforge.stages.config import SFTConfig, SFTDataSection
@@ -193,7 +194,12 @@ def build_stage(cfg: SFTConfig, model: Any, tokenizer: Tokenizer, train_examples
         tokens_per_sample=seq_len, tokenizer_dir=tokenizer_source(cfg.model, tokenizer), inputs=inputs,
         model_files={"training.json": {"stage": "sft", "chat": True, "base_model": str(cfg.model),
                                        "peft": cfg.peft.method, "train_on": data.train_on, "data": list(data.train)}},
-        warnings=warnings, summary=figures)
+        warnings=warnings, summary=figures, count_terms=count_targets)
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """The assistant tokens a batch trains on: conversations weigh by their length, whatever the split."""
+    return int((batch["targets"] != IGNORE_INDEX).sum())
 
 
 def tokenizer_source(model_dir: str, tokenizer: Tokenizer) -> Any:

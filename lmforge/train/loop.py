@@ -86,6 +86,7 @@ class Stage:
     val_figures: Callable[[Optional[float]], dict[str, Any]] = lambda loss: {}
     model_files: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    count_terms: Optional[Callable[[Batch], int]] = None  # loss terms of a batch when they vary (see micro_scales)
     summary: dict[str, Any] = field(default_factory=dict)  # extra figures for summary.json
 
 
@@ -296,24 +297,41 @@ class Trainer:
     # ---- steps -------------------------------------------------------------------------------------------------
 
     def train_step(self, step_s: float) -> tuple[float, float]:
-        """One optimizer step of grad_accum micro-steps; returns (this process's mean loss, gradient norm)."""
-        tc = self.tc
+        """One optimizer step of grad_accum micro-steps; returns (this process's share of the step's loss, so that
+        the sum over processes divided by their number is the step's loss; the gradient norm)."""
+        tc, world = self.tc, self.ctx.world_size
         self.set_lr(step_s)
+        batches = [self.stage.batches.next_batch(tc.batch_size, self.ctx.rank, world, self.device)
+                   for _ in range(tc.grad_accum)]
+        scales = self.micro_scales(batches)
         loss_sum: Any = 0.0
-        for micro in range(tc.grad_accum):
-            batch = self.stage.batches.next_batch(tc.batch_size, self.ctx.rank, self.ctx.world_size, self.device)
+        for micro, batch in enumerate(batches):
             with no_sync(self.model, skip_sync=micro < tc.grad_accum - 1):
                 with self.precision():
                     loss, metrics = self.stage.objective(self.model, batch)
-                (loss / tc.grad_accum).backward()
-            loss_sum = loss_sum + metrics["loss"]
+                (loss / tc.grad_accum if scales is None else loss * scales[micro]).backward()
+            loss_sum = loss_sum + (metrics["loss"] if scales is None else metrics["loss"] * scales[micro])
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf  # inf: only measure (the scale is exactly 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
-        return float(loss_sum) / tc.grad_accum, float(grad_norm)
+        return float(loss_sum) / (tc.grad_accum if scales is None else 1.0), float(grad_norm)
+
+    def micro_scales(self, batches: list[Batch]) -> Optional[list[float]]:
+        """For a stage whose batches hold different numbers of loss terms (count_terms), the weight of each
+        micro-batch's mean loss so that the step's gradient is that of the mean over all the step's terms on all
+        processes (DDP then averages over the W processes, hence the factor W):
+
+            scale_a = n_a * W / N,   N = sum over micro-batches and processes of n_a
+
+        None for equal weights (1 / grad_accum), as for pretraining windows."""
+        if self.stage.count_terms is None:
+            return None
+        counts = [float(self.stage.count_terms(batch)) for batch in batches]
+        total = all_reduce([sum(counts)], self.device)[0]
+        return [count * self.ctx.world_size / max(total, 1.0) for count in counts]
 
     def validate(self) -> Optional[float]:
         start = time.perf_counter()
