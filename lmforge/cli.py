@@ -61,6 +61,16 @@ COMMANDS: tuple[Command, ...] = (
             "multiple choice) with the auxiliary LM loss",
             "lmforge finetune runs/wn/final --task entailment --data.train builtin --lm_weight 0.5",
             positionals=("model",)),
+    Command(("reward",), "lmforge.stages.config:RewardConfig", "lmforge.stages.reward:reward",
+            "train a reward model (scalar head, Bradley-Terry loss over every ranked pair) on preference data",
+            "lmforge reward runs/sft/final --data.train builtin --out_dir runs/reward", positionals=("model",)),
+    Command(("reward", "score"), "lmforge.stages.config:RewardScoreConfig", "lmforge.stages.reward:reward_score",
+            "score responses with a reward model, or a preference file's responses with its pair accuracy",
+            "lmforge reward score runs/reward/final --prompt 'What is 2 + 3?' --response 5 --response 6",
+            positionals=("model",)),
+    Command(("dpo",), "lmforge.stages.config:DPOConfig", "lmforge.stages.dpo:dpo",
+            "align a model to preference pairs with DPO (or IPO, conservative or robust DPO, hinge)",
+            "lmforge dpo runs/sft/final --data.train builtin --beta 0.1 --out_dir runs/dpo", positionals=("model",)),
     Command(("peft", "merge"), "lmforge.peft.config:PeftMergeConfig", "lmforge.peft.commands:peft_merge",
             "fold a LoRA or QLoRA adapter into its base: a plain model dir with the same logits",
             "lmforge peft merge runs/sft-lora/final models/sft-merged", positionals=("adapter", "out_dir")),
@@ -89,7 +99,7 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 # Repeatable options whose values are free text, never split on commas: `--prompt 'Hello, world'`, `--stop ','`.
-FREE_TEXT_LISTS = {"prompt", "stop"}
+FREE_TEXT_LISTS = {"prompt", "stop", "response"}
 
 
 def _import(target: str) -> Any:

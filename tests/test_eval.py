@@ -259,8 +259,8 @@ def test_run_eval_end_to_end(model_dir, tmp_path, capsys):
 
 def test_run_eval_bad_input(model_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"unknown task 'spelling' \(built-in tasks: define, name_word, synonym, "
-                                          r"antonym, hypernym, translate, arithmetic, nli, mc_define, all; or a "
-                                          r"\.jsonl task file\)"):
+                                          r"antonym, hypernym, translate, arithmetic, nli, mc_define, define_pref, "
+                                          r"translate_pref, arithmetic_pref, all; or a \.jsonl task file\)"):
         run_eval(EvalConfig(model=str(model_dir), tasks=["spelling"]))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "answer": "a"}\n{"prompt": "q"\n', encoding="utf-8")

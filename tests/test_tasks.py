@@ -20,7 +20,7 @@ from lmforge.tasks.builtin import (ensure_source, instruction_conversations, loa
 from lmforge.tasks.commands import TasksExportConfig, TasksListConfig, tasks_export, tasks_list
 from lmforge.tasks.formats import FORMATS, read_conversations, to_record, write_jsonl
 from lmforge.tasks.freedict import is_usable_pair, parse_example_line, read_example_pairs, translate_rows
-from lmforge.tasks.spec import SPLITS, TASKS, split_of
+from lmforge.tasks.spec import INSTRUCTION_TASKS, PREFERENCE_TASKS, SPLITS, TASKS, split_of
 from lmforge.tasks.taskfile import load_task_file
 from lmforge.tasks.wordnet import definition_of, load_wordnet, parse_data_line
 
@@ -368,8 +368,8 @@ def test_instruction_mixture(fake_cache):
     assert conversations == instruction_conversations("train", fake_cache, per_task_limit=20)
     assert conversations != instruction_conversations("train", fake_cache, per_task_limit=20, seed=1)
     assert all([t["role"] for t in c] == ["user", "assistant"] for c in conversations)
-    n = sum(min(20, len(load_rows(name, "train", fake_cache))) for name in TASKS)
-    assert len(conversations) == n
+    n = sum(min(20, len(load_rows(name, "train", fake_cache))) for name in INSTRUCTION_TASKS)
+    assert len(conversations) == n  # every task but the preference sets
     nli = instruction_conversations("train", fake_cache, tasks=["nli"])
     assert {c[1]["content"] for c in nli} == {"entailment", "neutral", "contradiction"}  # the gold choice
     answers = {c[1]["content"] for c in instruction_conversations("train", fake_cache, tasks=["arithmetic"])}
@@ -382,7 +382,7 @@ def test_instruction_mixture(fake_cache):
 def test_tasks_list_and_export(fake_cache, tmp_path, capsys):
     sizes = tasks_list(TasksListConfig(cache_dir=str(fake_cache)))
     printed = capsys.readouterr().out
-    assert "arithmetic  generate  exact_match" in printed and f"{sizes['nli']['train']:>7}" in printed
+    assert "arithmetic      generate   exact_match" in printed and "define_pref     preference accuracy" in printed and f"{sizes['nli']['train']:>7}" in printed
     for fmt in ("messages", "alpaca", "sharegpt", "prompt_completion"):
         out = tasks_export(TasksExportConfig("arithmetic", "test", str(tmp_path / f"a-{fmt}.jsonl"), fmt, 5,
                                              str(fake_cache)))
@@ -393,6 +393,36 @@ def test_tasks_list_and_export(fake_cache, tmp_path, capsys):
                                                           str(fake_cache))))
     assert [(i.prompt, i.choices, i.label) for i in items] == [
         (e.prompt, e.choices, e.label) for e in load_task("nli", "train", fake_cache)]
+
+
+def test_preference_sets_pair_the_right_answer_with_a_wrong_one_in_the_same_split(fake_cache, tmp_path):
+    from lmforge.tasks.preferences import builtin_preferences, read_preferences
+
+    for name, base in (("define_pref", "define"), ("translate_pref", "translate"), ("arithmetic_pref", "arithmetic")):
+        for split in SPLITS:
+            rows = load_rows(name, split, fake_cache)
+            base_rows = {r["source"]: r for r in load_rows(base, split, fake_cache)}
+            assert rows or split != "train", name
+            for row in rows:
+                chosen, rejected = row["choices"]
+                assert row["label"] == 0 and chosen == row["answers"][0] and chosen != rejected
+                assert split_of(row["source"]) == split  # the split of the question it derives from
+                assert row["source"] in base_rows or split != "train"  # (eval splits are capped samples)
+    wrong = {r["choices"][1] for r in load_rows("arithmetic_pref", "train", fake_cache)}
+    assert all(w.isdigit() for w in wrong)
+    # a define_pref rejected answer is the definition of a sibling synset (sharing a hypernym)
+    wn = load_wordnet(fake_cache / "debian/wordnet-base/usr/share/wordnet")
+    for row in load_rows("define_pref", "train", fake_cache):
+        key = wn.first_sense(row["vars"]["word"], "n") or wn.first_sense(row["vars"]["word"], "v")
+        parents = set(wn.synsets[key].hypernyms)
+        assert any(set(s.hypernyms) & parents and s.definition == row["choices"][1] for s in wn.synsets.values())
+    items = builtin_preferences("train", fake_cache)
+    assert {i.where.split()[0] for i in items} == set(PREFERENCE_TASKS)
+    out = tasks_export(TasksExportConfig("translate_pref", "train", str(tmp_path / "t.jsonl"), "messages", 0,
+                                         str(fake_cache)))
+    exported = read_preferences([out])
+    assert [(i.prompt[0]["content"], i.responses) for i in exported] == [
+        (e.prompt, e.choices) for e in load_task("translate_pref", "train", fake_cache)]
 
 
 def test_export_refuses_what_it_must_not_replace(fake_cache, tmp_path):

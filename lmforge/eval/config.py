@@ -31,6 +31,7 @@ class EvalConfig:
     max_text_tokens: int = 0  # perplexity on at most this many tokens (0 = all)
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps
     seed: int = 0  # seeds the choice of k-shot examples
+    reference: str = ""  # preference sets: rank by the implicit reward log pi - log pi_ref against this model dir
     cache_dir: str = ""  # cache of packages and parsed tasks (default $LMFORGE_CACHE, else ~/.cache/lmforge)
 
     def __post_init__(self) -> None:

@@ -52,6 +52,10 @@ def resolve_tasks(cfg: EvalConfig) -> list[EvalTask]:
             pool = load_task(name, "train", cfg.cache_dir or None, SHOT_POOL) if cfg.shots else []
             tasks.append(EvalTask(TASKS[name], load_task(name, cfg.split, cfg.cache_dir or None, cfg.limit or None),
                                   pool, "built-in"))
+        elif (name.endswith(".jsonl") or Path(name).is_file()) and is_preference_file(name):
+            items = preference_examples(name)
+            spec = TaskSpec(Path(name).stem, "preference", "accuracy", f"preference file {name}")
+            tasks.append(EvalTask(spec, items[:cfg.limit or None], [], name))
         elif name.endswith(".jsonl") or Path(name).is_file():
             items = load_task_file(name)
             choice = bool(items[0].choices)
@@ -62,6 +66,30 @@ def resolve_tasks(cfg: EvalConfig) -> list[EvalTask]:
             raise ConfigError(f"unknown task '{name}' (built-in tasks: {', '.join(TASKS)}, all; or a .jsonl "
                               "task file)")
     return tasks
+
+
+def is_preference_file(path: str) -> bool:
+    """Whether a JSONL file's first record is a preference record (chosen/rejected, or ranked responses)."""
+    from lmforge.tasks.formats import iter_jsonl
+
+    for _, record in iter_jsonl(path):
+        return isinstance(record, dict) and ("chosen" in record or "responses" in record)
+    return False
+
+
+def preference_examples(path: str) -> list[TaskExample]:
+    """A preference file's items as examples whose choices are the responses, best first (one user turn each)."""
+    from lmforge.errors import DataError
+    from lmforge.tasks.preferences import read_preferences
+
+    examples = []
+    for item in read_preferences([path]):
+        if len(item.prompt) != 1:
+            raise DataError(f"{item.where}: eval takes preference prompts of one user turn (this has "
+                            f"{len(item.prompt)} turns)")
+        examples.append(TaskExample(item.where, item.prompt[0]["content"], [item.responses[0]],
+                                    list(item.responses), 0, item.where, Path(path).stem))
+    return examples
 
 
 def _contexts(task: EvalTask, fmt: PromptFormat, shots: int, seed: int) -> list[list[int]]:
@@ -163,6 +191,32 @@ def task_head_scorer(cfg: EvalConfig, tokenizer: Any) -> Any:
     return BUILTIN[config["kind"]], score
 
 
+def preference_scorers(cfg: EvalConfig, tasks: list[EvalTask], tokenizer: Any) -> tuple[Any, Any]:
+    """(reference model or None, reward model or None) for the preference tasks: the reward model when cfg.model
+    is a reward model dir, the reference when cfg.reference is given (its tokenizer must be the model's)."""
+    from lmforge.model.heads import read_head_config
+
+    if not any(task.spec.kind == "preference" for task in tasks):
+        if cfg.reference:
+            raise ConfigError("eval --reference applies to preference sets only (define_pref, translate_pref, "
+                              "arithmetic_pref or a preference JSONL file)")
+        return None, None
+    head = read_head_config(cfg.model)
+    if head is not None and head.get("kind") == "reward":
+        from lmforge.stages.reward import load_reward_model
+
+        return None, load_reward_model(cfg.model, cfg.device)[0]
+    if not cfg.reference:
+        return None, None
+    from lmforge.convert import load_with_tokenizer
+    from lmforge.errors import TokenizerMismatchError
+
+    reference, ref_tokenizer = load_with_tokenizer(cfg.reference, cfg.device)
+    if ref_tokenizer.fingerprint != tokenizer.fingerprint:
+        raise TokenizerMismatchError(f"reference {cfg.reference}: its tokenizer is not the one of {cfg.model}")
+    return reference, None
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report as a text table: task, n, metric, value, acc_norm, BLEU; then perplexity when measured."""
     lines = [f"{'task':<16} {'n':>5}  {'metric':<12} {'value':>8} {'acc_norm':>8} {'bleu':>7}"]
@@ -197,9 +251,15 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     report: dict[str, Any] = {"model": cfg.model, "format": fmt.name, "split": cfg.split, "shots": cfg.shots,
                               "tasks": {}}
     head = task_head_scorer(cfg, tokenizer)
+    reference, reward_model = preference_scorers(cfg, tasks, tokenizer)
     for task in tasks:
         task_started = time.perf_counter()
-        if head is not None and head[0] == task.spec.name and task.source == "built-in":
+        if task.spec.kind == "preference":
+            from lmforge.eval.preference import evaluate_preference
+
+            result = evaluate_preference(model, task, fmt, _contexts(task, fmt, cfg.shots, cfg.seed), cfg,
+                                         reference, reward_model)
+        elif head is not None and head[0] == task.spec.name and task.source == "built-in":
             result = head[1](task)
         elif task.spec.kind == "choice":
             result = evaluate_choice(model, task, fmt, cfg)

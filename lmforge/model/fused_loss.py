@@ -107,3 +107,17 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
             total += torch.nn.functional.cross_entropy(logits, y[start:start + rows], ignore_index=IGNORE_INDEX,
                                                        reduction="sum")
         return total / (y != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """log p(targets) under the logits hidden @ weight^T, per position: a tensor shaped like targets, 0 where the
+    target is IGNORE_INDEX. Only the kept positions' logits are computed (responses of preference pairs and
+    rollouts are a small part of their rows), in float32, with gradients."""
+    keep = targets != IGNORE_INDEX
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    if not bool(keep.any()):
+        return out + 0.0 * hidden.sum()  # keeps the graph (DDP expects every parameter to get a gradient)
+    chosen = hidden[keep]
+    logits = (chosen.to(_matmul_dtype(chosen)) @ weight.to(_matmul_dtype(chosen)).t()).float()
+    picked = logits.log_softmax(dim=-1).gather(1, targets[keep].unsqueeze(1)).squeeze(1)
+    return out.masked_scatter(keep, picked)

@@ -4,6 +4,7 @@ of each sequence's extract token.
     classify, entailment:  logits = W h(x)                     one sequence per item
     similarity:            logits = W (h(a, b) + h(b, a))       the pair in both orders, the two states added
     multiple_choice:       score_k = w . h(context, choice_k)  one sequence per choice; a softmax over the k scores
+    reward:                r = w . h(x, y) + b                  the final token's state (lmforge reward)
 
 `lm` is any model with `hidden_states(input_ids)` and an `lm_head` (a Transformer, or a PeftModel around one), so a
 task head trains with full fine-tuning or with any parameter-efficient method. The forward pass also returns the
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from lmforge.io import atomic_write_json, load_safetensors, save_safetensors
 from lmforge.model.fused_loss import linear_cross_entropy
 
-HeadKind = Literal["classify", "entailment", "similarity", "multiple_choice"]
+HeadKind = Literal["classify", "entailment", "similarity", "multiple_choice", "reward"]
 HEAD_CONFIG = "task_head.json"
 HEAD_WEIGHTS = "task_head.safetensors"
 
@@ -33,7 +34,7 @@ class TaskHeadModel(nn.Module):
     def __init__(self, lm: nn.Module, kind: HeadKind, labels: list[str]) -> None:
         super().__init__()
         self.lm, self.kind, self.labels = lm, kind, list(labels)
-        outputs = 1 if kind == "multiple_choice" else len(labels)
+        outputs = 1 if kind in ("multiple_choice", "reward") else len(labels)
         self.head = nn.Linear(lm.config.d_model, outputs)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)

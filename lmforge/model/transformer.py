@@ -35,7 +35,7 @@ from lmforge.errors import ConfigError, LmforgeError, PromptTooLongError
 from lmforge.io import load_safetensors
 from lmforge.model.config import ModelConfig
 from lmforge.model.kv_cache import KVCache
-from lmforge.model.fused_loss import linear_cross_entropy
+from lmforge.model.fused_loss import linear_cross_entropy, token_logprobs
 
 # torch >= 2.5 repeats K/V heads inside SDPA; older versions need an explicit repeat_interleave.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -231,8 +231,10 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None,
-                targets: Optional[Tensor] = None, document_ids: Optional[Tensor] = None) -> Tensor:
-        """Logits (B, T, vocab_size) in the compute dtype; with `targets`, the mean cross-entropy instead.
+                targets: Optional[Tensor] = None, document_ids: Optional[Tensor] = None,
+                per_token: bool = False) -> Tensor:
+        """Logits (B, T, vocab_size) in the compute dtype; with `targets`, the mean cross-entropy instead, or with
+        per_token the log-probability of each target (B, T), 0 where it is -100 (preference and RL objectives).
 
         input_ids (B, T). position_ids (B, T), default past + arange(T) where past = kv_cache.length (0 without a
         cache); explicit position ids are not range-checked. attention_mask (B, past + T), True = real token,
@@ -244,6 +246,8 @@ class Transformer(nn.Module):
         (give position_ids restarting at 0 per document), so each document is computed as if it were alone.
         """
         hidden = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, document_ids)
+        if targets is not None and per_token:
+            return token_logprobs(hidden, self.lm_head.weight, targets)
         if targets is not None:
             return linear_cross_entropy(hidden, self.lm_head.weight, targets)
         return self.lm_head(hidden)

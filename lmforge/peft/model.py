@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError
-from lmforge.model.fused_loss import linear_cross_entropy
+from lmforge.model.fused_loss import linear_cross_entropy, token_logprobs
 from lmforge.model.kv_cache import KVCache
 from lmforge.model.transformer import Transformer
 from lmforge.peft.adapters import apply_adapters
@@ -151,9 +151,13 @@ class PeftModel(nn.Module):
 
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, kv_cache: Any = None,
-                targets: Optional[Tensor] = None, document_ids: Optional[Tensor] = None) -> Tensor:
-        """Logits of the real tokens (B, T, V), or with targets the mean cross-entropy (as Transformer.forward)."""
+                targets: Optional[Tensor] = None, document_ids: Optional[Tensor] = None,
+                per_token: bool = False) -> Tensor:
+        """Logits of the real tokens (B, T, V), or with targets the mean cross-entropy, or with per_token the
+        targets' log-probabilities (as Transformer.forward)."""
         hidden = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, document_ids)
+        if targets is not None and per_token:
+            return token_logprobs(hidden, self.base.lm_head.weight, targets)
         if targets is not None:
             return linear_cross_entropy(hidden, self.base.lm_head.weight, targets)
         return self.base.lm_head(hidden)

@@ -6,6 +6,7 @@ suit the stage.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -75,4 +76,66 @@ class FinetuneConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)  # method none = full fine-tuning
     train: TrainConfig = field(default_factory=_finetune_train)
     out_dir: str = "runs/finetune"  # the run dir; the model with its head is written to OUT_DIR/final
+    resume: bool = False  # continue from the newest checkpoint in out_dir (same config: --config OUT_DIR/config.json)
+
+
+def _preference_train() -> TrainConfig:
+    return TrainConfig(batch_size=16, max_steps=300, lr=1e-5, min_lr=1e-6, weight_decay=0.0, eval_interval=50,
+                       eval_batches=20, checkpoint_interval=100, log_interval=10)
+
+
+@dataclass
+class PreferenceDataSection:
+    train: list[str] = field(default_factory=lambda: ["builtin"])  # JSONL files of {prompt, chosen, rejected} or
+                                                                   # {prompt, responses: [best, ..., worst]}, or
+                                                                   # builtin: the built-in preference sets
+    val: list[str] = field(default_factory=list)  # held-out JSONL files; empty: val_fraction of the train files
+                                                  # (builtin: its validation split)
+    val_fraction: float = 0.05  # prompts held out (by a hash of their text) when no val files are given
+    builtin_tasks: list[str] = field(default_factory=list)  # built-in preference sets taken by builtin (empty:
+                                                            # define_pref, translate_pref, arithmetic_pref)
+    per_task_limit: int = 0  # builtin: at most this many training items per set (0 = all)
+    seq_len: Optional[int] = None  # tokens per prompt + response at most; None -> the model's block_size
+    truncation: Literal["truncate", "drop", "error"] = "truncate"  # prompt + response over seq_len + 1 tokens:
+                                                                   # cut at the end, left out, or an error
+    system_prompt: Optional[str] = None  # a system turn added to prompts that have none
+    cache_dir: Optional[str] = None  # built-in corpus and task cache; None = $LMFORGE_CACHE or ~/.cache/lmforge
+
+
+@dataclass
+class RewardConfig:
+    model: str = ""  # the model dir the reward model starts from (usually the SFT model), with its tokenizer
+    data: PreferenceDataSection = field(default_factory=PreferenceDataSection)
+    center_coefficient: float = 0.0  # reward centering: + c * mean((r_w + r_l)^2) (TRL's center_rewards_coefficient)
+    peft: PeftConfig = field(default_factory=PeftConfig)  # method none = full fine-tuning
+    train: TrainConfig = field(default_factory=lambda: dataclasses.replace(_preference_train(), lr=5e-5,
+                                                                           min_lr=5e-6))
+    out_dir: str = "runs/reward"  # the run dir; the reward model is written to OUT_DIR/final
+    resume: bool = False  # continue from the newest checkpoint in out_dir (same config: --config OUT_DIR/config.json)
+
+
+@dataclass
+class RewardScoreConfig:
+    model: str = ""  # a reward model dir (lmforge reward's OUT_DIR/final)
+    prompt: list[str] = field(default_factory=list)  # prompts: one for all responses, or one per response
+    response: list[str] = field(default_factory=list)  # responses to score
+    file: str = ""  # or a preference JSONL file: every response of every record is scored, and pair accuracy given
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    batch_size: int = 16  # sequences per forward pass
+    out: str = ""  # write the scores as JSON here (optional)
+
+
+@dataclass
+class DPOConfig:
+    model: str = ""  # the policy's starting model dir (usually the SFT model), with its tokenizer
+    reference: str = ""  # the reference model dir; empty: the starting model (a PEFT run: its base)
+    reference_mode: Literal["precompute", "live"] = "precompute"  # reference log-probs computed once before
+                                                                  # training (no second model in memory), or live
+    beta: float = 0.1  # strength of the implicit KL constraint (IPO: its tau)
+    loss_type: Literal["sigmoid", "ipo", "robust", "hinge"] = "sigmoid"  # DPO, IPO, robust DPO, SLiC hinge
+    label_smoothing: float = 0.0  # sigmoid: conservative DPO's label noise e; robust: the assumed noise, < 0.5
+    data: PreferenceDataSection = field(default_factory=PreferenceDataSection)
+    peft: PeftConfig = field(default_factory=PeftConfig)  # method none = full fine-tuning
+    train: TrainConfig = field(default_factory=_preference_train)
+    out_dir: str = "runs/dpo"  # the run dir; the aligned model is written to OUT_DIR/final
     resume: bool = False  # continue from the newest checkpoint in out_dir (same config: --config OUT_DIR/config.json)

@@ -39,3 +39,29 @@ def arithmetic_rows(n_problems: int = DEFAULT_PROBLEMS, seed: int = 0) -> list[d
                                   "answers": [str(OPERATIONS[op](a, b))], "choices": [], "label": -1,
                                   "source": f"arithmetic:{problem}"})
     return list(rows.values())
+
+
+def wrong_answer(problem: str, answer: int) -> int:
+    """A plausible wrong result, stable per problem: off by one, by ten or by a hundred, or two digits swapped;
+    never negative, never the answer."""
+    rng = random.Random(f"lmforge-arithmetic-wrong:{problem}")
+    candidates = [answer + d for d in (1, -1, 10, -10, 100, -100)]
+    digits = str(answer)
+    if len(digits) >= 2:
+        i = rng.randrange(len(digits) - 1)
+        swapped = digits[:i] + digits[i + 1] + digits[i] + digits[i + 2:]
+        if not swapped.startswith("0"):
+            candidates.append(int(swapped))
+    candidates = [c for c in candidates if c >= 0 and c != answer]
+    return rng.choice(candidates)
+
+
+def arithmetic_pref_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Preference pairs of the arithmetic task: the exact result (chosen) against a wrong one (rejected)."""
+    out = []
+    for row in rows:
+        problem = row["id"].split(":", 1)[1]
+        answer = int(row["answers"][0])
+        out.append({**row, "id": f"arithmetic_pref:{problem}",
+                    "choices": [str(answer), str(wrong_answer(problem, answer))], "label": 0})
+    return out

@@ -1,7 +1,8 @@
 """Built-in tasks, derived at run time from offline corpora and cached: `load_task` and the SFT mixture.
 
-Sources: WordNet 3.0 (Debian wordnet-base) for define, name_word, synonym, antonym, hypernym, nli, mc_define;
-FreeDict English-German (Debian dict-freedict-eng-deu) for translate; generated problems for arithmetic. Packages
+Sources: WordNet 3.0 (Debian wordnet-base) for define, name_word, synonym, antonym, hypernym, nli, mc_define,
+define_pref; FreeDict English-German (Debian dict-freedict-eng-deu) for translate and translate_pref; generated
+problems for arithmetic and arithmetic_pref. A preference set keeps the split of the question it derives from. Packages
 are fetched once into the cache ($LMFORGE_CACHE, else ~/.cache/lmforge) by lmforge.data.corpora; the parsed
 tasks are written under `tasks/v{CACHE_VERSION}/{source}/{task}.{split}.json` (one atomic dir per source), so
 later loads read one small JSON file.
@@ -21,13 +22,15 @@ from typing import Any, Callable, Iterable
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_path
-from lmforge.tasks.spec import EVAL_SPLIT_CAP, SPLITS, TASKS, TaskExample, split_of, stable_hash
+from lmforge.tasks.spec import (EVAL_SPLIT_CAP, INSTRUCTION_TASKS, SPLITS, TASKS, TaskExample, split_of,
+                               stable_hash)
 from lmforge.tasks.templates import render, variant_for
 
-CACHE_VERSION = 1  # bump whenever a builder's output changes, so that old caches are not read
+CACHE_VERSION = 2  # bump whenever a builder's output changes, so that old caches are not read
 SOURCE_OF_TASK = {"define": "wordnet", "name_word": "wordnet", "synonym": "wordnet", "antonym": "wordnet",
                   "hypernym": "wordnet", "nli": "wordnet", "mc_define": "wordnet", "translate": "freedict",
-                  "arithmetic": "arithmetic"}
+                  "arithmetic": "arithmetic", "define_pref": "wordnet", "translate_pref": "freedict",
+                  "arithmetic_pref": "arithmetic"}
 Row = dict[str, Any]
 
 
@@ -41,22 +44,24 @@ def _build_wordnet(cache_dir: Path) -> dict[str, list[Row]]:
     return {"define": lexical.define_rows(wn), "name_word": lexical.name_word_rows(wn),
             "synonym": lexical.synonym_rows(wn), "antonym": lexical.antonym_rows(wn),
             "hypernym": lexical.hypernym_rows(wn), "nli": lexical.nli_rows(wn),
-            "mc_define": lexical.mc_define_rows(wn)}
+            "mc_define": lexical.mc_define_rows(wn), "define_pref": lexical.define_pref_rows(wn)}
 
 
 def _build_freedict(cache_dir: Path) -> dict[str, list[Row]]:
     from lmforge.data.corpora import fetch_debian_package
-    from lmforge.tasks.freedict import read_dict_lines, read_example_pairs, translate_rows
+    from lmforge.tasks.freedict import read_dict_lines, read_example_pairs, translate_pref_rows, translate_rows
 
     root = fetch_debian_package("dict-freedict-eng-deu", cache_dir)
     lines = read_dict_lines(root / "usr/share/dictd/freedict-eng-deu.dict.dz")
-    return {"translate": translate_rows(read_example_pairs(lines))}
+    rows = translate_rows(read_example_pairs(lines))
+    return {"translate": rows, "translate_pref": translate_pref_rows(rows)}
 
 
 def _build_arithmetic(cache_dir: Path) -> dict[str, list[Row]]:
-    from lmforge.tasks.arithmetic import arithmetic_rows
+    from lmforge.tasks.arithmetic import arithmetic_pref_rows, arithmetic_rows
 
-    return {"arithmetic": arithmetic_rows()}
+    rows = arithmetic_rows()
+    return {"arithmetic": rows, "arithmetic_pref": arithmetic_pref_rows(rows)}
 
 
 BUILDERS: dict[str, Callable[[Path], dict[str, list[Row]]]] = {
@@ -159,11 +164,12 @@ def task_sizes(cache_dir: str | os.PathLike | None = None) -> dict[str, dict[str
 def instruction_conversations(split: str, cache_dir: str | os.PathLike | None = None,
                               tasks: Iterable[str] | None = None, per_task_limit: int | None = None,
                               seed: int = 0) -> list[list[dict[str, str]]]:
-    """The built-in SFT mixture: for every example of `tasks` (default: all) in `split`, a user turn (the prompt
+    """The built-in SFT mixture: for every example of `tasks` (default: every instruction task, that is all but
+    the preference sets) in `split`, a user turn (the prompt
     in one of the task's phrasings, chosen by a stable hash of seed and id) and an assistant turn (the reference
     answer; for a choice task the gold choice). Shuffled by `random.Random(f'lmforge-sft:{seed}')`."""
     conversations = []
-    for name in tasks or TASKS:
+    for name in tasks or INSTRUCTION_TASKS:
         for row in load_rows(name, split, cache_dir, per_task_limit):
             answer = row["choices"][row["label"]] if row["choices"] else row["answers"][0]
             prompt = render(name, row["vars"], variant_for(row["id"], seed))

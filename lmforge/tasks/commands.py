@@ -28,10 +28,10 @@ def tasks_list(cfg: TasksListConfig) -> dict[str, dict[str, int]]:
     from lmforge.tasks.spec import TASKS
 
     sizes = task_sizes(cfg.cache_dir or None)
-    print(f"{'task':<11} {'kind':<9} {'metric':<12} {'train':>7} {'valid':>6} {'test':>5}  description")
+    print(f"{'task':<15} {'kind':<10} {'metric':<12} {'train':>7} {'valid':>6} {'test':>5}  description")
     for name, spec in TASKS.items():
         n = sizes[name]
-        print(f"{name:<11} {spec.kind:<9} {spec.metric:<12} {n['train']:>7} {n['validation']:>6} {n['test']:>5}  "
+        print(f"{name:<15} {spec.kind:<10} {spec.metric:<12} {n['train']:>7} {n['validation']:>6} {n['test']:>5}  "
               f"{spec.description}")
     return sizes
 
@@ -41,7 +41,8 @@ class TasksExportConfig:
     name: str = ""  # a built-in task (lmforge tasks list shows them)
     split: Literal["train", "validation", "test"] = "test"  # which split to export
     out: str = ""  # output .jsonl file (default: NAME-SPLIT.jsonl in the current dir)
-    format: ExportFormat = "messages"  # a chat format (user prompt, assistant answer) or task (eval items)
+    format: ExportFormat = "messages"  # a chat format (user prompt, assistant answer) or task (eval items); a
+                                       # preference set is written as {prompt, chosen, rejected} unless task
     limit: int = 0  # export at most this many examples (0 = all)
     cache_dir: str = ""  # cache of packages and parsed tasks (default $LMFORGE_CACHE, else ~/.cache/lmforge)
 
@@ -68,9 +69,11 @@ def tasks_export(cfg: TasksExportConfig) -> Path:
     """Write the examples of task `cfg.name` in `cfg.split` as JSONL (atomically) and return the path.
 
     Chat formats hold one user turn (the canonical prompt) and one assistant turn (the reference answer, or the
-    gold choice); `task` holds the eval task-file format that `lmforge eval --tasks FILE` reads."""
+    gold choice); `task` holds the eval task-file format that `lmforge eval --tasks FILE` reads. A preference
+    set is written as {prompt, chosen, rejected}, the records `lmforge reward` and `lmforge dpo` read."""
     from lmforge.tasks.builtin import check_task_name, load_task
     from lmforge.tasks.formats import to_record, write_jsonl
+    from lmforge.tasks.spec import TASKS
     from lmforge.tasks.taskfile import to_task_item
 
     if not cfg.name:
@@ -83,10 +86,14 @@ def tasks_export(cfg: TasksExportConfig) -> Path:
     examples = load_task(cfg.name, cfg.split, cfg.cache_dir or None, cfg.limit or None)
     if cfg.format == "task":
         records = [to_task_item(example) for example in examples]
+    elif TASKS[cfg.name].kind == "preference":
+        records = [{"prompt": e.prompt, "chosen": e.choices[0], "rejected": e.choices[1]} for e in examples]
     else:
         records = [to_record([{"role": "user", "content": example.prompt},
                               {"role": "assistant", "content": example.answers[0]}], cfg.format)
                    for example in examples]
     write_jsonl(out, records)
-    print(f"tasks export: {len(records)} {cfg.name} examples ({cfg.split}) -> {out} ({cfg.format})")
+    shape = "prompt, chosen, rejected" if TASKS[cfg.name].kind == "preference" and cfg.format != "task" \
+        else cfg.format
+    print(f"tasks export: {len(records)} {cfg.name} examples ({cfg.split}) -> {out} ({shape})")
     return out

@@ -83,3 +83,23 @@ def translate_rows(pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
     return [{"id": f"translate:{english}", "vars": {"english": english}, "answers": [german], "choices": [],
              "label": -1, "source": "translate:" + smallest_english[groups["en:" + english.lower()]]}
             for english, german in pairs]
+
+
+def translate_pref_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Preference pairs of the translate task: the right German (chosen) against the German of another pair of
+    the same split (rejected; the next pair in the order of a stable hash of the ids, cyclically)."""
+    from lmforge.tasks.spec import split_of, stable_hash
+
+    by_split: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_split.setdefault(split_of(row["source"]), []).append(row)
+    out = []
+    for members in by_split.values():
+        members.sort(key=lambda r: (stable_hash("translate_pref:" + r["id"]), r["id"]))
+        for i, row in enumerate(members):
+            other = next((m["answers"][0] for m in members[i + 1:] + members[:i]
+                          if m["answers"][0] != row["answers"][0]), None)
+            if other is not None:
+                out.append({**row, "id": "translate_pref:" + row["id"].split(":", 1)[1],
+                            "choices": [row["answers"][0], other], "label": 0})
+    return out

@@ -243,3 +243,26 @@ def balance_labels(rows: list[Row]) -> list[Row]:
                 members = sorted(groups.get((split, family, label), []), key=lambda r: stable_hash(r["id"]))
                 kept += members[:min(counts)]
     return sorted(({k: v for k, v in row.items() if k != "family"} for row in kept), key=lambda r: r["id"])
+
+
+def define_pref_rows(wn: WordNet) -> list[Row]:
+    """Preference pairs of the define task: for a word's most common sense, its definition (chosen) against the
+    definition of a sibling synset (rejected: a synset sharing a hypernym, of the same split, with another
+    definition; the first by a stable hash). Words whose synset has no such sibling are left out."""
+    rows = []
+    for key, synset in wn.synsets.items():
+        if not synset.definition:
+            continue
+        split = split_of(wn.unit(key))
+        siblings = sorted({c for parent in synset.hypernyms for c in wn.children.get(parent, []) if c != key},
+                          key=lambda c: stable_hash(f"{key}>{c}"))
+        rejected = next((wn.synsets[c].definition for c in siblings
+                         if wn.synsets[c].definition and wn.unit(c) != wn.unit(key)
+                         and wn.synsets[c].definition != synset.definition and split_of(wn.unit(c)) == split), None)
+        if rejected is None:
+            continue
+        for lemma in synset.lemmas:
+            if is_clean_word(lemma) and wn.first_sense(lemma, synset.pos) == key:
+                rows.append(_row(f"define_pref:{synset.pos}:{lemma}", wn.unit(key), [synset.definition],
+                                 [synset.definition, rejected], 0, word=lemma, pos=POS_NAMES[synset.pos]))
+    return rows

@@ -55,10 +55,15 @@ class TaskExample:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A task's name, kind ('generate' or 'choice'), primary metric and one-line description."""
+    """A task's name, kind ('generate', 'choice' or 'preference'), primary metric and one-line description.
+
+    A preference task's examples hold `choices` ranked best first (label 0): the chosen and the rejected
+    response of a pair. Its metric is the preference accuracy: how often the model (its log-likelihood, its
+    implicit reward against a reference, or a reward model's score) ranks the chosen response above the rejected.
+    """
 
     name: str
-    kind: Literal["generate", "choice"]
+    kind: Literal["generate", "choice", "preference"]
     metric: Literal["exact_match", "chrf", "accuracy"]
     description: str
 
@@ -81,4 +86,12 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              "(hypernym chains, adjective satellites, antonyms)"),
     TaskSpec("mc_define", "choice", "accuracy", "WordNet: a definition and four words (distractors from sibling "
              "synsets) -> the right word"),
+    TaskSpec("define_pref", "preference", "accuracy", "WordNet: a word -> its definition (chosen) vs the definition "
+             "of a sibling synset (rejected)"),
+    TaskSpec("translate_pref", "preference", "accuracy", "FreeDict: an English phrase -> its German (chosen) vs the "
+             "German of another phrase (rejected)"),
+    TaskSpec("arithmetic_pref", "preference", "accuracy", "generated: a problem -> the exact result (chosen) vs a "
+             "near miss (rejected)"),
 )}
+INSTRUCTION_TASKS = tuple(name for name, spec in TASKS.items() if spec.kind != "preference")  # the SFT mixture
+PREFERENCE_TASKS = tuple(name for name, spec in TASKS.items() if spec.kind == "preference")

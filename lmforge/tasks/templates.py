@@ -36,6 +36,8 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
                   "\"{definition}\": which of these words is it? {options}",
                   "Pick the word for this definition: {definition}. Options: {options}."),
 }
+for _name in ("define", "translate", "arithmetic"):  # a preference set asks its task's questions
+    TEMPLATES[f"{_name}_pref"] = TEMPLATES[_name]
 
 
 def render(task: str, prompt_vars: dict[str, str], variant: int = 0) -> str:

@@ -233,6 +233,7 @@ class Trainer:
         self.lr = 0.0
         self.reserve_s = {"val": None, "save": None}  # measured durations of the last validation and checkpoint
         self.val_others: dict[str, float] = {}  # the last validation's other figures (val_accuracy, ...)
+        self.window_figures: dict[str, list[Any]] = {}  # the objective's other figures since the last train record
         has_val = all_reduce([float(len(stage.val_batches))], self.device)[0] > 0
         if not has_val and not any("validation" in w for w in self.warnings):  # unless the stage said why
             self.warnings.append("no validation batches: val_loss will be null (the held-out split is empty or "
@@ -311,6 +312,9 @@ class Trainer:
                     loss, metrics = self.stage.objective(self.model, batch)
                 (loss / tc.grad_accum if scales is None else loss * scales[micro]).backward()
             loss_sum = loss_sum + (metrics["loss"] if scales is None else metrics["loss"] * scales[micro])
+            for key, value in metrics.items():  # the objective's other figures (a preference stage's accuracy)
+                if key not in ("loss", "tokens"):
+                    self.window_figures.setdefault(key, []).append(value)
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf  # inf: only measure (the scale is exactly 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm)
         self.optimizer.step()
@@ -416,7 +420,10 @@ class Trainer:
                 record = {"kind": "train", "step": state.step, "tokens": state.tokens_seen,
                           "loss": sum(window_losses) / len(window_losses), "lr": self.lr, "grad_norm": grad_norm,
                           "tok_per_s": tok_per_s, "mfu": utilisation, "peak_flops": self.peak,
-                          "elapsed_s": self.elapsed()}
+                          "elapsed_s": self.elapsed(),
+                          **{k: sum(float(v) for v in values) / len(values)  # rank 0's micro-batches
+                             for k, values in self.window_figures.items()}}
+                self.window_figures = {}
                 self.metrics.write(record)
                 self.loggers.log(record)
                 if self.by_clock:  # the step count the budget allows, re-estimated as the run goes

@@ -61,22 +61,37 @@ def update_progress(bar: tqdm, steps: int, loss: float, tok_per_s: float, mfu: O
                     refresh=False)
 
 
+PLOTTED_FIGURES = ("accuracy", "margin", "reward", "kl")  # objective figures that get a panel of their own
+
+
 def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
-    """PNG of train and val loss against optimizer step (left) and tokens seen (right), written atomically."""
+    """PNG of train and val loss against optimizer step and tokens seen, written atomically; and one more panel
+    against step for each of the objective's figures the records hold (a preference stage's accuracy, margin,
+    a reward), train and val."""
     from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's global state alone
 
     train = [r for r in records if r.get("kind") == "train"]
     val = [r for r in records if r.get("kind") == "val" and r.get("val_loss") is not None]
-    fig = Figure(figsize=(11, 4))
-    axes = fig.subplots(1, 2, sharey=True)
+    extra = [k for k in PLOTTED_FIGURES if any(k in r for r in train) or any(f"val_{k}" in r for r in val)]
+    fig = Figure(figsize=(11 + 4 * len(extra), 4))
+    axes = fig.subplots(1, 2 + len(extra))
     for ax, x in zip(axes, ("step", "tokens")):
         ax.plot([r[x] for r in train], [r["loss"] for r in train], label="train", linewidth=1)
         if val:
             ax.plot([r[x] for r in val], [r["val_loss"] for r in val], "o-", label="val", markersize=3)
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("loss (nats/token)")
+    axes[0].set_ylabel("loss")
+    axes[1].sharey(axes[0])
     axes[0].legend()
+    for ax, key in zip(axes[2:], extra):
+        points = [(r["step"], r[key]) for r in train if key in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], label="train", linewidth=1)
+        points = [(r["step"], r[f"val_{key}"]) for r in val if r.get(f"val_{key}") is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="val", markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
