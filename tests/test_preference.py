@@ -60,7 +60,6 @@ def _trl_dpo_losses(loss_type: str, beta: float, label_smoothing: float, pc, pr,
     """TRL's DPOTrainer._compute_loss run on a stand-in model whose per-token log-probabilities sum to the given
     sequence log-probabilities, with precomputed reference log-probabilities; returns TRL's (mean) loss and the
     rewards it logs."""
-    trl = pytest.importorskip("trl")
     from trl.trainer.dpo_trainer import DPOTrainer
 
     pairs, width = len(pc), int(max(max(counts_c), max(counts_r))) + 2
@@ -126,7 +125,6 @@ def test_dpo_loss_worked_numbers():
 
 @pytest.mark.parametrize("center", [None, 0.01])
 def test_bradley_terry_equals_trls_reward_loss(center):
-    trl = pytest.importorskip("trl")
     from trl.trainer.reward_trainer import RewardTrainer
 
     torch.manual_seed(1)
