@@ -71,6 +71,11 @@ COMMANDS: tuple[Command, ...] = (
     Command(("dpo",), "lmforge.stages.config:DPOConfig", "lmforge.stages.dpo:dpo",
             "align a model to preference pairs with DPO (or IPO, conservative or robust DPO, hinge)",
             "lmforge dpo runs/sft/final --data.train builtin --beta 0.1 --out_dir runs/dpo", positionals=("model",)),
+    Command(("grpo",), "lmforge.stages.config:GRPOConfig", "lmforge.stages.grpo:grpo",
+            "reinforce a model with GRPO: groups of sampled completions scored by verifiable rewards (arithmetic, "
+            "format, or module:function)",
+            "lmforge grpo runs/sft/final --data.train builtin --rewards arithmetic --group_size 8 --out_dir runs/grpo",
+            positionals=("model",)),
     Command(("peft", "merge"), "lmforge.peft.config:PeftMergeConfig", "lmforge.peft.commands:peft_merge",
             "fold a LoRA or QLoRA adapter into its base: a plain model dir with the same logits",
             "lmforge peft merge runs/sft-lora/final models/sft-merged", positionals=("adapter", "out_dir")),

@@ -55,6 +55,12 @@ class KVCache:
         """Mark `n` more positions as filled (called once per forward, after every layer has written)."""
         self.length += n
 
+    def repeat_rows(self, repeats: int) -> None:
+        """Repeat every row `repeats` times along the batch, in place: row b becomes rows b * repeats ..
+        (b + 1) * repeats - 1. A prompt prefilled once then serves several continuations (a group of samples)."""
+        self.k = self.k.repeat_interleave(repeats, dim=1)
+        self.v = self.v.repeat_interleave(repeats, dim=1)
+
     def reset(self) -> None:
         """Forget every position; the memory is kept for reuse."""
         self.length = 0

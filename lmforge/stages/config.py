@@ -139,3 +139,49 @@ class DPOConfig:
     train: TrainConfig = field(default_factory=_preference_train)
     out_dir: str = "runs/dpo"  # the run dir; the aligned model is written to OUT_DIR/final
     resume: bool = False  # continue from the newest checkpoint in out_dir (same config: --config OUT_DIR/config.json)
+
+
+def _grpo_train() -> TrainConfig:
+    return TrainConfig(batch_size=8, max_steps=200, lr=1e-5, min_lr=1e-6, warmup_steps=10, weight_decay=0.0,
+                       eval_interval=50, eval_batches=4, checkpoint_interval=50, log_interval=5)
+
+
+@dataclass
+class GRPODataSection:
+    train: list[str] = field(default_factory=lambda: ["builtin"])  # JSONL files of {"prompt": text or messages,
+                                                                   # "answer": text}, or builtin: the built-in
+                                                                   # arithmetic task's train split
+    val: list[str] = field(default_factory=list)  # held-out JSONL files; empty: val_fraction of the train files
+                                                  # (builtin: its validation split)
+    val_fraction: float = 0.05  # prompts held out (by a hash of their text) when no val files are given
+    per_task_limit: int = 0  # builtin: at most this many training prompts (0 = all)
+    system_prompt: Optional[str] = None  # a system turn added to prompts that have none
+    cache_dir: Optional[str] = None  # built-in task cache; None = $LMFORGE_CACHE or ~/.cache/lmforge
+
+
+@dataclass
+class GRPOConfig:
+    model: str = ""  # the policy's starting model dir (usually the SFT model), with its tokenizer
+    data: GRPODataSection = field(default_factory=GRPODataSection)
+    group_size: int = 8  # G: completions sampled per prompt; advantages are relative to the group
+    max_new_tokens: int = 16  # tokens per completion at most (also dr_grpo's max_completion_length)
+    temperature: float = 1.0  # sampling temperature of the rollouts (> 0); the loss uses the policy's
+                              # log-probabilities at temperature 1 (TRL's divide the logits by it)
+    top_p: float = 1.0  # nucleus sampling of the rollouts; 1.0 = off
+    top_k: int = 0  # keep the k most likely tokens in the rollouts; 0 = off
+    beta: float = 0.0  # KL penalty towards the starting model (k3 estimator); 0: no reference model is loaded
+    epsilon: float = 0.2  # clip range of the probability ratio: [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: Optional[float] = None  # upper clip; None -> epsilon (DAPO's clip-higher uses 0.28)
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo"  # grpo: each sequence's token mean, then the mean
+                                                            # over sequences; bnpo: the mean over all tokens;
+                                                            # dr_grpo: sum / (sequences * max_new_tokens)
+    scale_rewards: bool = True  # divide advantages by the group's reward std (false: Dr. GRPO's unscaled form)
+    iterations: int = 1  # mu: optimizer steps on each rollout batch (old log-probs fixed at rollout time)
+    rewards: list[str] = field(default_factory=lambda: ["arithmetic"])  # built-in names (arithmetic, format) or
+                                                                        # module:function paths
+    reward_weights: list[float] = field(default_factory=list)  # one weight per reward; empty: 1.0 each
+    peft: PeftConfig = field(default_factory=PeftConfig)  # method none = full fine-tuning
+    train: TrainConfig = field(default_factory=_grpo_train)  # batch_size: prompts per micro-step (x group_size
+                                                             # completions)
+    out_dir: str = "runs/grpo"  # the run dir; the trained policy is written to OUT_DIR/final
+    resume: bool = False  # continue from the newest checkpoint in out_dir (same config: --config OUT_DIR/config.json)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, Iterator
+from typing import Any, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
@@ -126,6 +126,15 @@ def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> li
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return tensor.tolist()
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every process's `value` (picklable), in rank order: [value] with one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def barrier() -> None:
