@@ -109,7 +109,9 @@ def read_preferences(paths: Iterable[str | os.PathLike]) -> list[PreferenceItem]
 def builtin_preferences(split: str, cache_dir: str | os.PathLike | None = None,
                         tasks: Iterable[str] | None = None, per_task_limit: int | None = None) -> list[PreferenceItem]:
     """The built-in preference sets (default: all of them) of `split` as items, the prompt in its canonical
-    phrasing."""
+    phrasing, the sets interleaved in a seeded order (so that the first validation items hold every set)."""
+    import random
+
     from lmforge.errors import ConfigError
     from lmforge.tasks.builtin import load_task
     from lmforge.tasks.spec import PREFERENCE_TASKS
@@ -121,6 +123,7 @@ def builtin_preferences(split: str, cache_dir: str | os.PathLike | None = None,
         for i, example in enumerate(load_task(name, split, cache_dir, per_task_limit)):
             items.append(PreferenceItem(f"{name} {split} #{i}", [{"role": "user", "content": example.prompt}],
                                         list(example.choices)))
+    random.Random(f"lmforge-preferences:{split}").shuffle(items)
     return items
 
 
