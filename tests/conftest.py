@@ -49,6 +49,31 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+def kill_after_checkpoint(command: str, config: Path, run_dir: Path, step: int, delay: float = 0.15,
+                          pythonpath: tuple[str, ...] = ()) -> None:
+    """Run `lmforge COMMAND --config CONFIG` in a subprocess whose steps are slowed by `delay` seconds, and SIGKILL
+    it as soon as RUN_DIR/checkpoints/step_STEP exists (the crash of an exact-resume test)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_train import REPO, subprocess_env
+
+    driver = config.parent / f"driver-{command}.py"
+    driver.write_text("import sys, time, torch\ntorch.set_num_threads(1)\nimport lmforge.train.loop as loop\n"
+                      "from lmforge.cli import main\nreal = loop.lr_at\n"
+                      f"loop.lr_at = lambda step, cfg: (time.sleep({delay}), real(step, cfg))[1]\n"
+                      f"sys.exit(main([{command!r}, '--config', sys.argv[1]]))\n")
+    env = {**subprocess_env(), "PYTHONPATH": os.pathsep.join([str(REPO), *pythonpath])}
+    process = subprocess.Popen([sys.executable, str(driver), str(config)], env=env, cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_while_running((run_dir / "checkpoints" / f"step_{step}").exists, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+
+
 def wait_while_running(done, process, timeout: float = 90.0) -> None:
     """Poll `done()` until it is true; fail if `process` exits first (showing its stderr) or `timeout` passes."""
     import time

@@ -5,7 +5,6 @@ LoRA, bad input."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections import defaultdict
@@ -30,7 +29,7 @@ from lmforge.stages.sft import base_model
 from lmforge.train.checkpoint import latest_checkpoint, load_trainer_state
 from lmforge.train.metrics import MetricsLog
 
-from conftest import wait_while_running
+from conftest import kill_after_checkpoint
 from test_sft import PAIRS
 from test_train import REPO, assert_same_weights, subprocess_env, train_losses, weights
 
@@ -300,18 +299,8 @@ def test_grpo_resume_after_sigkill_is_bit_exact(base, prompts_file, toy_rewards,
     settings = {"max_steps": 8, "checkpoint_interval": 3, "eval_interval": 4}
     cfg = grpo_config(base, [str(prompts_file)], tmp_path / "killed", iterations=2, train=settings)
     (tmp_path / "config.json").write_text(json.dumps(config_to_dict(cfg)))
-    driver = ("import sys, time, torch\ntorch.set_num_threads(1)\nimport lmforge.train.loop as loop\n"
-              "from lmforge.cli import main\nreal = loop.lr_at\n"
-              "loop.lr_at = lambda step, cfg: (time.sleep(0.3), real(step, cfg))[1]\n"
-              "sys.exit(main(['grpo', '--config', sys.argv[1]]))\n")
-    (tmp_path / "driver.py").write_text(driver)
-    env = {**subprocess_env(), "PYTHONPATH": os.pathsep.join([str(REPO), str(toy_rewards)])}
-    process = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "config.json")],
-                               env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_while_running((tmp_path / "killed" / "checkpoints" / "step_3").exists, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
+    kill_after_checkpoint("grpo", tmp_path / "config.json", tmp_path / "killed", step=3, delay=0.3,
+                          pythonpath=(str(toy_rewards),))
     checkpoint = latest_checkpoint(tmp_path / "killed")
     assert not (tmp_path / "killed" / "final").exists() and checkpoint.name == "step_3"
     assert load_trainer_state(checkpoint)["sampler"]["reused"]  # the rollouts of step 3 serve step 4 too

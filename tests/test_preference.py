@@ -3,7 +3,6 @@ resume after SIGKILL, eval of preference sets, bad input."""
 
 import json
 import math
-import signal
 import subprocess
 import sys
 from collections import defaultdict
@@ -25,7 +24,7 @@ from lmforge.tasks.preferences import parse_preference, read_preferences
 from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.metrics import MetricsLog
 
-from conftest import wait_while_running
+from conftest import kill_after_checkpoint
 from test_train import REPO, assert_same_weights, subprocess_env, train_losses, weights
 
 QUESTIONS = [("2 + 3", "5", "6"), ("the opposite of hot", "cold", "warm"), ("a dog is a kind of", "animal", "mat"),
@@ -250,17 +249,7 @@ def test_dpo_resume_after_sigkill_is_bit_exact(base, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", pair_records())
     cfg = dpo_config(base, [str(data)], tmp_path / "killed", train={"max_steps": 12, "checkpoint_interval": 2})
     (tmp_path / "config.json").write_text(json.dumps(config_to_dict(cfg)))
-    driver = ("import sys, time, torch\ntorch.set_num_threads(1)\nimport lmforge.train.loop as loop\n"
-              "from lmforge.cli import main\nreal = loop.lr_at\n"
-              "loop.lr_at = lambda step, cfg: (time.sleep(0.15), real(step, cfg))[1]\n"
-              "sys.exit(main(['dpo', '--config', sys.argv[1]]))\n")
-    (tmp_path / "driver.py").write_text(driver)
-    process = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "config.json")],
-                               env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_while_running((tmp_path / "killed" / "checkpoints" / "step_4").exists, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
+    kill_after_checkpoint("dpo", tmp_path / "config.json", tmp_path / "killed", step=4)
     assert not (tmp_path / "killed" / "final").exists() and latest_checkpoint(tmp_path / "killed") is not None
     assert main(["dpo", "--config", str(tmp_path / "config.json"), "--resume"]) == 0
     full = dpo(dpo_config(base, [str(data)], tmp_path / "full", train={"max_steps": 12, "checkpoint_interval": 2}))

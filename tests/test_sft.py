@@ -1,9 +1,6 @@
 """Instruction tuning: packing parity, loss masks, the stage end to end in every data format, resume, bad input."""
 
 import json
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +18,8 @@ from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.metrics import MetricsLog
 from lmforge.train.packing import collate, pack_examples, pad_examples
 
-from conftest import wait_while_running
-from test_train import REPO, assert_same_weights, subprocess_env, train_losses, weights
+from conftest import kill_after_checkpoint
+from test_train import assert_same_weights, train_losses, weights
 
 PAIRS = [("a dog is a kind of", "animal"), ("the opposite of hot", "cold"), ("2 + 3", "5"), ("the cat", "die Katze"),
          ("a rose is a kind of", "flower"), ("the opposite of up", "down"), ("4 + 4", "8"), ("the dog", "der Hund")]
@@ -146,17 +143,7 @@ def test_resume_after_sigkill_is_bit_exact(base, tmp_path):
     from lmforge.config import config_to_dict
 
     (tmp_path / "config.json").write_text(json.dumps(config_to_dict(cfg)))
-    driver = ("import sys, time, torch\ntorch.set_num_threads(1)\nimport lmforge.train.loop as loop\n"
-              "from lmforge.cli import main\nreal = loop.lr_at\n"
-              "loop.lr_at = lambda step, cfg: (time.sleep(0.15), real(step, cfg))[1]\n"
-              "sys.exit(main(['sft', '--config', sys.argv[1]]))\n")
-    (tmp_path / "driver.py").write_text(driver)
-    process = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "config.json")],
-                               env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_while_running((tmp_path / "killed" / "checkpoints" / "step_4").exists, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
+    kill_after_checkpoint("sft", tmp_path / "config.json", tmp_path / "killed", step=4)
     assert not (tmp_path / "killed" / "final").exists() and latest_checkpoint(tmp_path / "killed") is not None
     assert main(["sft", "--config", str(tmp_path / "config.json"), "--resume"]) == 0
     full = sft(config(base, [str(data)], tmp_path / "full", train={"max_steps": 12, "checkpoint_interval": 2}))

@@ -19,12 +19,12 @@ import torch
 
 from lmforge.errors import ConfigError, TokenizerMismatchError
 from lmforge.objectives.dpo import dpo_objective
+from lmforge.stages.common import base_model, check_batch_split, resolve_seq_len
 from lmforge.stages.config import DPOConfig
-from lmforge.stages.preference import (check_data, count_pairs, group_batches, group_sampler, load_items,
-                                       reference_logps, stage_figures, tokenize_items)
-from lmforge.stages.sft import base_model, tokenizer_source
+from lmforge.stages.preference import (check_data, load_items, preference_stage, reference_logps,
+                                       tokenize_items)
 from lmforge.train.distributed import close_distributed, init_distributed
-from lmforge.train.loop import Stage, train
+from lmforge.train.loop import train
 
 __all__ = ["DPOConfig", "dpo"]
 
@@ -58,18 +58,14 @@ def dpo(cfg: DPOConfig) -> Path:
     """Train the policy on the preference data; returns the run dir (the aligned model is final/)."""
     check_config(cfg)
     model, tokenizer = base_model(cfg.model, "dpo")
-    seq_len = cfg.data.seq_len or model.config.block_size
-    if not 1 < seq_len <= model.config.block_size:
-        raise ConfigError(f"data.seq_len={seq_len} must be in 2..{model.config.block_size} (the model's block_size)")
+    seq_len = resolve_seq_len(cfg.data.seq_len, model)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len))
     train_items, val_items = load_items(cfg.data)
     groups, counts = tokenize_items(train_items, tokenizer, cfg.data, seq_len)
     val_groups, _ = tokenize_items(val_items, tokenizer, cfg.data, seq_len)
     ctx = init_distributed(cfg.train.device)
     try:
-        if cfg.train.batch_size % ctx.world_size:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of "
-                              f"processes {ctx.world_size}")
+        check_batch_split(cfg.train.batch_size, ctx.world_size)
         reference = load_reference(cfg, model, tokenizer).to(ctx.device)
         if cfg.reference_mode == "precompute":
             if ctx.rank == 0:
@@ -88,23 +84,12 @@ def dpo(cfg: DPOConfig) -> Path:
 
             model = wrap_base(model, cfg.peft, cfg.model, tokenizer=tokenizer)
         model.train()
-        tc = cfg.train
         objective = functools.partial(dpo_objective, beta=cfg.beta, loss_type=cfg.loss_type,
                                       label_smoothing=cfg.label_smoothing, reference=reference)
-        warnings = [f"{counts['dropped']} items dropped at seq_len {seq_len} (data.truncation="
-                    f"{cfg.data.truncation})"] if counts["dropped"] else []
-        inputs = tuple(f for f in [cfg.model, cfg.reference, *cfg.data.train, *cfg.data.val] if f and f != "builtin")
-        stage = Stage(
-            name="dpo", config=cfg, train=tc, out_dir=Path(cfg.out_dir), resume=cfg.resume, model=model,
-            objective=functools.partial(objective, sync=False), eval_objective=objective,
-            batches=group_sampler(groups, tokenizer.pad_id, tc.seed),
-            val_batches=group_batches(val_groups[:tc.eval_batches * tc.batch_size], tc.batch_size,
-                                      tokenizer.pad_id, ctx.rank, ctx.world_size, ctx.device),
-            tokens_per_sample=seq_len, tokenizer_dir=tokenizer_source(cfg.model, tokenizer), inputs=inputs,
-            model_files={"training.json": {"stage": "dpo", "chat": True, "base_model": str(cfg.model),
-                                           "reference": str(cfg.reference or cfg.model), "beta": cfg.beta,
-                                           "loss_type": cfg.loss_type, "peft": cfg.peft.method}},
-            warnings=warnings, summary=stage_figures(groups, val_groups, counts), count_terms=count_pairs)
+        stage = preference_stage("dpo", cfg, model, objective, groups, val_groups, counts, tokenizer, ctx, seq_len,
+                                 {"training.json": {"stage": "dpo", "chat": True, "base_model": str(cfg.model),
+                                                    "reference": str(cfg.reference or cfg.model), "beta": cfg.beta,
+                                                    "loss_type": cfg.loss_type, "peft": cfg.peft.method}})
         return train(stage, ctx)
     finally:
         close_distributed(ctx)

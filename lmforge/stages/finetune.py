@@ -31,7 +31,7 @@ from lmforge.model.fused_loss import IGNORE_INDEX
 from lmforge.model.heads import TaskHeadModel
 from lmforge.objectives.task_head import task_head_loss
 from lmforge.stages.config import FinetuneConfig
-from lmforge.stages.sft import base_model, tokenizer_source
+from lmforge.stages.common import base_model, tokenizer_source
 from lmforge.tasks.formats import iter_jsonl
 from lmforge.tasks.spec import NLI_LABELS
 from lmforge.train.distributed import close_distributed, init_distributed

@@ -38,7 +38,7 @@ from lmforge.objectives.rewards import load_rewards, score
 from lmforge.stages.config import GRPOConfig
 from lmforge.stages.rollouts import (Prompt, Rewards, RolloutSource, frozen_copy, load_prompts, rollout_seed,
                                      tokenize_prompts)
-from lmforge.stages.sft import base_model, tokenizer_source
+from lmforge.stages.common import base_model, check_batch_split, tokenizer_source
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import close_distributed, init_distributed
 from lmforge.train.loop import Stage, autocast_dtype, precision_context, train
@@ -118,9 +118,7 @@ def grpo(cfg: GRPOConfig) -> Path:
     ctx = init_distributed(cfg.train.device)
     try:
         tc = cfg.train
-        if tc.batch_size % ctx.world_size:
-            raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes "
-                              f"{ctx.world_size}")
+        check_batch_split(tc.batch_size, ctx.world_size)
         reference = frozen_copy(model).to(ctx.device) if cfg.beta > 0 else None
         torch.manual_seed(tc.seed)
         if cfg.peft.method != "none":

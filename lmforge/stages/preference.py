@@ -27,7 +27,7 @@ from lmforge.model.fused_loss import IGNORE_INDEX
 from lmforge.stages.config import PreferenceDataSection
 from lmforge.tasks.preferences import PreferenceItem, builtin_preferences, read_preferences
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.packing import ShuffledSampler
+from lmforge.train.packing import ShuffledSampler, rank_batches
 
 
 @dataclass
@@ -146,14 +146,7 @@ def group_sampler(groups: Sequence[Group], pad_id: int, seed: int) -> ShuffledSa
 def group_batches(groups: Sequence[Group], batch_size: int, pad_id: int, rank: int, world: int,
                   device: torch.device) -> list[dict[str, torch.Tensor]]:
     """Validation: the groups in order, batch_size at a time, each batch split over the ranks."""
-    batches = []
-    for start in range(0, len(groups), batch_size):
-        chunk = groups[start:start + batch_size]
-        share = -(-len(chunk) // world)
-        mine = chunk[rank * share:(rank + 1) * share]
-        if mine:
-            batches.append(collate_groups(mine, pad_id, device))
-    return batches
+    return rank_batches(groups, batch_size, rank, world, lambda mine: collate_groups(mine, pad_id, device))
 
 
 def count_pairs(batch: dict[str, torch.Tensor]) -> int:
@@ -189,3 +182,31 @@ def check_data(data: PreferenceDataSection) -> None:
 
     if not 0 <= data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {data.val_fraction}")
+
+
+def preference_stage(name: str, cfg: Any, model: Any, objective: Any, groups: Sequence[Group],
+                     val_groups: Sequence[Group], counts: Counter, tokenizer: Tokenizer, ctx: Any, seq_len: int,
+                     model_files: dict[str, Any]) -> Any:
+    """The loop's Stage of a preference stage (reward, dpo): `objective(model, batch, sync=...)` over groups of
+    ranked responses, the first eval_batches * batch_size validation groups, micro-batches weighed by their pairs;
+    items dropped by the truncation policy are a warning."""
+    import functools
+    from pathlib import Path
+
+    from lmforge.stages.common import tokenizer_source
+    from lmforge.train.loop import Stage
+
+    tc = cfg.train
+    warnings = [f"{counts['dropped']} items dropped at seq_len {seq_len} (data.truncation={cfg.data.truncation})"] \
+        if counts["dropped"] else []
+    inputs = tuple(f for f in [cfg.model, getattr(cfg, "reference", ""), *cfg.data.train, *cfg.data.val]
+                   if f and f != "builtin")
+    return Stage(
+        name=name, config=cfg, train=tc, out_dir=Path(cfg.out_dir), resume=cfg.resume, model=model,
+        objective=functools.partial(objective, sync=False), eval_objective=objective,
+        batches=group_sampler(groups, tokenizer.pad_id, tc.seed),
+        val_batches=group_batches(val_groups[:tc.eval_batches * tc.batch_size], tc.batch_size, tokenizer.pad_id,
+                                  ctx.rank, ctx.world_size, ctx.device),
+        tokens_per_sample=seq_len, tokenizer_dir=tokenizer_source(cfg.model, tokenizer), inputs=inputs,
+        model_files=model_files, warnings=warnings, summary=stage_figures(groups, val_groups, counts),
+        count_terms=count_pairs)

@@ -19,12 +19,12 @@ import torch
 
 from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.objectives.reward import reward_objective
+from lmforge.stages.common import base_model, check_batch_split, resolve_seq_len
 from lmforge.stages.config import RewardConfig, RewardScoreConfig
-from lmforge.stages.preference import (check_data, collate_groups, count_pairs, final_turn_mask, group_batches,
-                                       group_sampler, load_items, stage_figures, tokenize_items, Group, Response)
-from lmforge.stages.sft import base_model, tokenizer_source
+from lmforge.stages.preference import (Group, Response, check_data, collate_groups, final_turn_mask, load_items,
+                                       preference_stage, tokenize_items)
 from lmforge.train.distributed import close_distributed, init_distributed
-from lmforge.train.loop import Stage, train
+from lmforge.train.loop import train
 
 __all__ = ["RewardConfig", "reward", "reward_scores", "reward_score"]
 
@@ -37,9 +37,7 @@ def reward(cfg: RewardConfig) -> Path:
     if cfg.center_coefficient < 0:
         raise ConfigError(f"center_coefficient must be >= 0, got {cfg.center_coefficient}")
     lm, tokenizer = base_model(cfg.model, "reward")
-    seq_len = cfg.data.seq_len or lm.config.block_size
-    if not 1 < seq_len <= lm.config.block_size:
-        raise ConfigError(f"data.seq_len={seq_len} must be in 2..{lm.config.block_size} (the model's block_size)")
+    seq_len = resolve_seq_len(cfg.data.seq_len, lm)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len))
     train_items, val_items = load_items(cfg.data)
     groups, counts = tokenize_items(train_items, tokenizer, cfg.data, seq_len - 1)  # all tokens are inputs here
@@ -47,9 +45,7 @@ def reward(cfg: RewardConfig) -> Path:
     ctx = init_distributed(cfg.train.device)
     try:
         tc = cfg.train
-        if tc.batch_size % ctx.world_size:
-            raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes "
-                              f"{ctx.world_size}")
+        check_batch_split(tc.batch_size, ctx.world_size)
         torch.manual_seed(tc.seed)
         if cfg.peft.method != "none":
             from lmforge.peft.files import wrap_base
@@ -60,17 +56,9 @@ def reward(cfg: RewardConfig) -> Path:
             print(f"reward: {len(groups):,} training items ({counts['pairs']:,} pairs), {len(val_groups):,} "
                   f"validation items")
         objective = functools.partial(reward_objective, center_coefficient=cfg.center_coefficient)
-        inputs = tuple(f for f in [cfg.model, *cfg.data.train, *cfg.data.val] if f and f != "builtin")
-        stage = Stage(
-            name="reward", config=cfg, train=tc, out_dir=Path(cfg.out_dir), resume=cfg.resume, model=model,
-            objective=functools.partial(objective, sync=False), eval_objective=objective,
-            batches=group_sampler(groups, tokenizer.pad_id, tc.seed),
-            val_batches=group_batches(val_groups[:tc.eval_batches * tc.batch_size], tc.batch_size,
-                                      tokenizer.pad_id, ctx.rank, ctx.world_size, ctx.device),
-            tokens_per_sample=seq_len, tokenizer_dir=tokenizer_source(cfg.model, tokenizer), inputs=inputs,
-            model_files={"training.json": {"stage": "reward", "chat": True, "base_model": str(cfg.model),
-                                           "peft": cfg.peft.method}},
-            summary=stage_figures(groups, val_groups, counts), count_terms=count_pairs)
+        stage = preference_stage("reward", cfg, model, objective, groups, val_groups, counts, tokenizer, ctx,
+                                 seq_len, {"training.json": {"stage": "reward", "chat": True,
+                                                             "base_model": str(cfg.model), "peft": cfg.peft.method}})
         return train(stage, ctx)
     finally:
         close_distributed(ctx)

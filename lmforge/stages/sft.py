@@ -24,11 +24,12 @@ import torch
 
 from lmforge.data.mixture import hash_fraction
 from lmforge.model.fused_loss import IGNORE_INDEX
-from lmforge.errors import ConfigError, DataError, TokenizerMismatchError
+from lmforge.errors import ConfigError, DataError
 from lmforge.objectives.sft import sft_loss
+from lmforge.stages.common import base_model, check_batch_split, resolve_seq_len, tokenizer_source
 from lmforge.stages.config import SFTConfig, SFTDataSection
 from lmforge.tasks.formats import iter_jsonl, parse_record
-from lmforge.tokenizer import Tokenizer, model_dir_tokenizer
+from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import close_distributed, init_distributed
 from lmforge.train.loop import Stage, train
 from lmforge.train.packing import fixed_batches, pack_examples, pad_examples, row_sampler, trained_tokens
@@ -109,26 +110,6 @@ def conversation_examples(items: list[tuple[str, Conversation]], tokenizer: Toke
     return examples, counts
 
 
-def base_model(model_dir: str, command: str = "sft", chat: bool = True) -> tuple[Any, Tokenizer]:
-    """The base model and its tokenizer, which must fit the model (and with `chat`, have a chat template)."""
-    from lmforge.convert import load
-
-    if not model_dir:
-        raise ConfigError(f"{command} needs a base model dir: lmforge {command} MODEL_DIR --data.train FILE.jsonl")
-    model = load(model_dir)
-    tokenizer = model_dir_tokenizer(model_dir)
-    if tokenizer is None:
-        raise DataError(f"base model dir {model_dir}: no tokenizer files (tokenizer.json); copy the model's "
-                        "tokenizer into it")
-    if chat and tokenizer.chat_template is None:
-        raise TokenizerMismatchError(f"base model dir {model_dir}: its tokenizer has no chat template and not "
-                                     "lmforge's chat tokens; give it a chat_template in tokenizer_config.json")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise TokenizerMismatchError(f"base model dir {model_dir}: tokenizer vocab_size {tokenizer.vocab_size} "
-                                     f"exceeds the model's {model.config.vocab_size}")
-    return model, tokenizer
-
-
 def sft(cfg: SFTConfig) -> Path:
     """Fine-tune cfg.model on the conversations of cfg.data; returns the run dir (the chat model is final/)."""
     if cfg.data.truncation not in ("truncate", "drop", "error"):
@@ -136,18 +117,14 @@ def sft(cfg: SFTConfig) -> Path:
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     model, tokenizer = base_model(cfg.model)
-    seq_len = cfg.data.seq_len or model.config.block_size
-    if not 1 < seq_len <= model.config.block_size:
-        raise ConfigError(f"data.seq_len={seq_len} must be in 2..{model.config.block_size} (the model's block_size)")
+    seq_len = resolve_seq_len(cfg.data.seq_len, model)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len))
     train_items, val_items = load_conversations(cfg.data)
     train_examples, counts = conversation_examples(train_items, tokenizer, cfg.data, seq_len)
     val_examples, val_counts = conversation_examples(val_items, tokenizer, cfg.data, seq_len)
     ctx = init_distributed(cfg.train.device)
     try:
-        if cfg.train.batch_size % ctx.world_size:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the number of "
-                              f"processes {ctx.world_size}")
+        check_batch_split(cfg.train.batch_size, ctx.world_size)
         return train(build_stage(cfg, model, tokenizer, train_examples, val_examples, counts, val_counts, ctx), ctx)
     finally:
         close_distributed(ctx)
@@ -200,12 +177,3 @@ def build_stage(cfg: SFTConfig, model: Any, tokenizer: Tokenizer, train_examples
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
     """The assistant tokens a batch trains on: conversations weigh by their length, whatever the split."""
     return int((batch["targets"] != IGNORE_INDEX).sum())
-
-
-def tokenizer_source(model_dir: str, tokenizer: Tokenizer) -> Any:
-    """What the run's model dirs get as their tokenizer: the base dir's lmforge tokenizer files, or for a Hugging
-    Face base the tokenizer itself (saved with its chat template into lmforge_tokenizer.json)."""
-    if (Path(model_dir) / "lmforge_tokenizer.json").is_file():
-        return Path(model_dir)
-    return tokenizer
-

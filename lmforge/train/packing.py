@@ -151,11 +151,18 @@ def fixed_batches(rows: Sequence[Row], batch_size: int, pad_id: int, packed: boo
                   device: torch.device) -> list[dict[str, torch.Tensor]]:
     """Validation: the rows in order, in batches of batch_size, each split over the ranks (an empty share is left
     out)."""
+    return rank_batches(rows, batch_size, rank, world, lambda mine: collate(mine, pad_id, packed, device))
+
+
+def rank_batches(items: Sequence[Any], batch_size: int, rank: int, world: int,
+                 collate_items: Callable[[list], dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """The items in order, batch_size at a time, each batch's share of this rank collated (an empty share is left
+    out): fixed validation batches of any kind of item."""
     batches = []
-    for start in range(0, len(rows), batch_size):
-        group = rows[start:start + batch_size]
+    for start in range(0, len(items), batch_size):
+        group = list(items[start:start + batch_size])
         share = -(-len(group) // world)
         mine = group[rank * share:(rank + 1) * share]
         if mine:
-            batches.append(collate(mine, pad_id, packed, device))
+            batches.append(collate_items(mine))
     return batches
