@@ -162,6 +162,8 @@ def test_rewards_by_name_and_by_path(toy_rewards):
     completions, answers = ["8", " 8 apples", "7 or 8", "-3", "+8", "eight"], ["8", "8", "8", "-3", "8", "8"]
     assert load_reward("arithmetic")([""] * 6, completions, answers) == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
     assert load_reward("format")([""] * 6, completions, answers) == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    near = ["1234", "84", "11284", "the answer is 1284.", "-1284", "x"]
+    assert load_reward("digits")([""] * 6, near, ["1284"] * 6) == [0.75, 0.5, 0.8, 1.0, 0.0, 0.0]
     rewards = load_rewards(["arithmetic", TOY_REWARD], [1.0, 0.5])
     totals, each = score(rewards, [""] * 6, completions, answers)
     assert each[TOY_REWARD] == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]

@@ -7,6 +7,8 @@ reference answer. Built-in names:
 
     arithmetic   1.0 when the first integer in the completion is exactly the answer, else 0.0
     format       1.0 when the completion is only an integer (optionally signed, surrounding spaces allowed), else 0.0
+    digits       partial credit: the share of the answer's digits that the completion's first integer has in the same
+                 place, counted from the units, over the longer of the two (1.0 exactly when arithmetic is 1.0)
 
 Any other reward is a `module:function` path imported with importlib (the module must be importable: installed,
 or on PYTHONPATH). Several rewards combine as a weighted sum.
@@ -47,7 +49,27 @@ def format_reward(prompts: list[str], completions: list[str], answers: list[str]
     return [1.0 if _ONLY_INTEGER.fullmatch(completion) else 0.0 for completion in completions]
 
 
-BUILTIN_REWARDS: dict[str, RewardFn] = {"arithmetic": arithmetic_reward, "format": format_reward}
+def digits_reward(prompts: list[str], completions: list[str], answers: list[str]) -> list[float]:
+    """Digits of the answer matched in place (from the units) by the completion's first integer, divided by the
+    longer length: '1234' for 1284 scores 3/4, '84' scores 2/4, '11284' scores 4/5; a sign must match too."""
+    scores = []
+    for completion, answer in zip(completions, answers):
+        found = _INTEGER.search(completion)
+        if not found or not _ONLY_INTEGER.fullmatch(answer):
+            scores.append(0.0)
+            continue
+        got, want = found.group().lstrip("+"), answer.strip().lstrip("+")
+        if got.startswith("-") != want.startswith("-"):
+            scores.append(0.0)
+            continue
+        got, want = got.lstrip("-"), want.lstrip("-")
+        same = sum(a == b for a, b in zip(reversed(got), reversed(want)))
+        scores.append(same / max(len(got), len(want)))
+    return scores
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {"arithmetic": arithmetic_reward, "format": format_reward,
+                                        "digits": digits_reward}
 
 
 def load_reward(name: str) -> RewardFn:
