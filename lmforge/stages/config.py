@@ -177,11 +177,93 @@ class GRPOConfig:
                                                             # dr_grpo: sum / (sequences * max_new_tokens)
     scale_rewards: bool = True  # divide advantages by the group's reward std (false: Dr. GRPO's unscaled form)
     iterations: int = 1  # mu: optimizer steps on each rollout batch (old log-probs fixed at rollout time)
-    rewards: list[str] = field(default_factory=lambda: ["arithmetic"])  # built-in names (arithmetic, format) or
-                                                                        # module:function paths
+    rewards: list[str] = field(default_factory=lambda: ["arithmetic"])  # built-in names (arithmetic, format,
+                                                                        # digits) or module:function paths
     reward_weights: list[float] = field(default_factory=list)  # one weight per reward; empty: 1.0 each
     peft: PeftConfig = field(default_factory=PeftConfig)  # method none = full fine-tuning
     train: TrainConfig = field(default_factory=_grpo_train)  # batch_size: prompts per micro-step (x group_size
                                                              # completions)
     out_dir: str = "runs/grpo"  # the run dir; the trained policy is written to OUT_DIR/final
     resume: bool = False  # continue from the newest checkpoint in out_dir (same config: --config OUT_DIR/config.json)
+
+
+def _ppo_train() -> TrainConfig:
+    return TrainConfig(batch_size=8, max_steps=200, lr=1e-5, min_lr=1e-6, warmup_steps=10, weight_decay=0.0,
+                       eval_interval=50, eval_batches=4, checkpoint_interval=50, log_interval=5)
+
+
+@dataclass
+class PromptDataSection:
+    train: list[str] = field(default_factory=lambda: ["builtin"])  # JSONL files of {"prompt": text or messages,
+                                                                   # "answer": text (optional)}, or builtin: the
+                                                                   # questions of the built-in preference sets
+    val: list[str] = field(default_factory=list)  # held-out JSONL files; empty: val_fraction of the train files
+                                                  # (builtin: the validation split)
+    val_fraction: float = 0.05  # prompts held out (by a hash of their text) when no val files are given
+    builtin_tasks: list[str] = field(default_factory=list)  # built-in tasks whose questions builtin takes (empty:
+                                                            # define_pref, translate_pref, arithmetic_pref)
+    per_task_limit: int = 0  # builtin: at most this many training prompts per task (0 = all)
+    system_prompt: Optional[str] = None  # a system turn added to prompts that have none
+    cache_dir: Optional[str] = None  # built-in task cache; None = $LMFORGE_CACHE or ~/.cache/lmforge
+
+
+@dataclass
+class PPOConfig:
+    model: str = ""  # the policy's starting model dir (usually the SFT model), with its tokenizer; also the
+                     # frozen reference of the KL penalty
+    reward_model: str = ""  # a reward model dir (lmforge reward); its tokenizer must be the policy's
+    rewards: list[str] = field(default_factory=list)  # verifiable rewards added to the reward model's score
+                                                      # (built-in names or module:function, as grpo); with no
+                                                      # reward_model, the only reward
+    reward_weights: list[float] = field(default_factory=list)  # one weight per reward; empty: 1.0 each
+    data: PromptDataSection = field(default_factory=PromptDataSection)
+    max_new_tokens: int = 24  # tokens per response at most
+    temperature: float = 1.0  # sampling temperature of the rollouts (> 0)
+    top_p: float = 1.0  # nucleus sampling of the rollouts; 1.0 = off
+    top_k: int = 0  # keep the k most likely tokens in the rollouts; 0 = off
+    kl_coef: float = 0.05  # beta of the per-token KL penalty beta * (log pi - log pi_ref) folded into the reward
+    gamma: float = 1.0  # discount of GAE
+    lam: float = 0.95  # lambda of GAE
+    whiten_advantages: bool = True  # advantages normalized to zero mean and unit variance over the rollout batch
+    cliprange: float = 0.2  # clip of the policy ratio
+    cliprange_value: float = 0.2  # clip of the value prediction around its rollout-time value
+    vf_coef: float = 0.1  # weight of the value loss
+    ppo_epochs: int = 4  # passes over each rollout batch
+    num_minibatches: int = 4  # optimizer steps per pass: the rollout batch is batch_size x num_minibatches prompts
+    target_kl: float = 0.0  # early stop: the rest of a rollout batch's epochs is skipped when the approximate KL
+                            # to the rollout policy exceeds this (0 = never)
+    ptx_coef: float = 0.0  # PPO-ptx: gamma_ptx times the LM loss on pretraining batches, added to the objective
+    ptx_data: str = ""  # PPO-ptx: a dataset dir (lmforge data prepare) of the pretraining distribution
+    peft: PeftConfig = field(default_factory=PeftConfig)  # method none = full fine-tuning
+    train: TrainConfig = field(default_factory=_ppo_train)  # batch_size: prompts per minibatch (one step)
+    out_dir: str = "runs/ppo"  # the run dir; the trained policy is written to OUT_DIR/final
+    resume: bool = False  # continue from the newest checkpoint in out_dir (same config: --config OUT_DIR/config.json)
+
+
+DEFAULT_RUBRIC = ("You judge answers to a question. The better answer is correct, answers exactly what was asked, "
+                  "and is short.")
+
+
+@dataclass
+class RLAIFConfig:
+    policy: str = ""  # the model dir whose sampled responses are judged (lmforge or Hugging Face)
+    judge: str = ""  # the judge: a model dir prompted with the rubric (lmforge or Hugging Face), or a reward model
+                     # dir (lmforge reward), which scores each response
+    rubric: str = DEFAULT_RUBRIC  # the judge's written rubric (a model judge)
+    rubric_file: str = ""  # or a text file holding the rubric
+    data: PromptDataSection = field(default_factory=PromptDataSection)
+    split: Literal["train", "validation", "test"] = "train"  # split of the built-in prompts
+    limit: int = 200  # prompts to sample and judge (0 = all)
+    samples: int = 2  # responses sampled per prompt (> 2: a ranked list)
+    max_new_tokens: int = 32  # tokens per sampled response at most
+    temperature: float = 1.0  # sampling temperature of the policy (> 0)
+    top_p: float = 1.0  # nucleus sampling; 1.0 = off
+    both_orders: bool = True  # a model judge sees each pair in both orders and the two verdicts are averaged
+                              # (cancels its position bias)
+    agreement_limit: int = 200  # pairs of each built-in preference set (test split) the judge also labels, to
+                                # measure its agreement with the true labels (0 = skip)
+    batch_size: int = 16  # sequences per forward pass
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    seed: int = 0  # seeds the sampling
+    out: str = "rlaif-preferences.jsonl"  # the preference JSONL written ({prompt, chosen, rejected} or ranked
+                                          # {prompt, responses}), which reward and dpo read

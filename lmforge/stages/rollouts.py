@@ -94,8 +94,10 @@ def builtin_prompts(data: GRPODataSection, split: str, limit: Optional[int] = No
                                                                              limit))]
 
 
-def load_prompts(data: GRPODataSection) -> tuple[list[Prompt], list[Prompt]]:
-    """The (train, val) prompts the data section names."""
+def load_prompts(data: GRPODataSection, builtin: Callable[[Any, str, Optional[int]], list[Prompt]] = builtin_prompts
+                 ) -> tuple[list[Prompt], list[Prompt]]:
+    """The (train, val) prompts the data section names; `builtin(data, split, limit)` gives those of `builtin`
+    (default: the arithmetic task's)."""
     files = [f for f in data.train if f != "builtin"]
     train_set = [p for f in files for p in read_prompts(f)]
     val_set = [p for f in data.val for p in read_prompts(f)]
@@ -104,9 +106,9 @@ def load_prompts(data: GRPODataSection) -> tuple[list[Prompt], list[Prompt]]:
         val_set = [p for p, h in zip(train_set, held) if h]
         train_set = [p for p, h in zip(train_set, held) if not h]
     if "builtin" in data.train:
-        train_set += builtin_prompts(data, "train", data.per_task_limit or None)
+        train_set += builtin(data, "train", data.per_task_limit or None)
         if not data.val:
-            val_set += builtin_prompts(data, "validation")
+            val_set += builtin(data, "validation", None)
     if not train_set:
         raise DataError(f"data.train {', '.join(data.train)}: no prompts")
     return train_set, val_set
