@@ -32,7 +32,7 @@ import struct
 import threading
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
@@ -272,7 +272,8 @@ _worker_task: Optional[Callable[[Any], Any]] = None  # set once per worker proce
 
 def _init_worker(task: Callable[[Any], Any]) -> None:
     global _worker_task
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (see _sigint_ignored)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (see _sigint_blocked)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one that came while starting is dropped now
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
     _worker_task = task
 
@@ -282,23 +283,23 @@ def _run_worker(item: Any) -> Any:
     return _worker_task(item)
 
 
-@contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Ignore SIGINT in this process while worker processes are started, so that they start ignoring it.
+def _block_sigint() -> Optional[set]:
+    """Block SIGINT in this thread while worker processes are started, so that they start with it blocked; returns
+    the mask to restore (None off the main thread, which never handles signals).
 
     A terminal's Ctrl-C reaches every process of the group. A worker that raised KeyboardInterrupt would print its
-    traceback, and one that died holding a pool lock would hang Pool.terminate. A process spawned while SIGINT is
-    ignored keeps it ignored (Python installs its KeyboardInterrupt handler only over the default), which covers
-    the second or so of imports before the pool initializer runs; the initializer ignores it again for workers
-    the pool starts later. A Ctrl-C in the few milliseconds of starting the processes is lost."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    traceback, and one that died holding a pool lock would hang Pool.terminate. A spawned process inherits the
+    blocked signal, which covers the second or so of imports before the pool initializer runs; the initializer
+    then ignores SIGINT and unblocks it (dropping one that arrived). In this process a Ctrl-C that arrives while
+    it is blocked stays pending and is delivered when the mask is restored: never lost."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _restore_mask(mask: Optional[set]) -> None:
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _ordered_map(task: Callable[[Any], Any], items: Iterable[Any], workers: int,
@@ -324,9 +325,14 @@ def _ordered_map(task: Callable[[Any], Any], items: Iterable[Any], workers: int,
                     future.cancel()
         return
     # spawn, not fork: a forked child of a process whose tokenizers/torch threads are running can deadlock.
-    with _sigint_ignored():
+    mask = _block_sigint()
+    try:
         pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (task,))
+    except BaseException:
+        _restore_mask(mask)
+        raise
     with pool:  # leaving it, normally or not, terminates the workers
+        _restore_mask(mask)  # a Ctrl-C pending since the start is raised here, where the pool is cleaned up
         yield from pool.imap(_run_worker, items)
 
 
