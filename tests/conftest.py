@@ -1,6 +1,8 @@
 """Shared test fixtures: deterministic English-like documents and a tiny prepared dataset built through the CLI."""
 
+import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,31 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Transformer(ModelConfig.preset("tiny-llama", vocab_size=tok.vocab_size, block_size=64, d_model=32)).save(root)
     tok.save(root)
     return root
+
+
+TOY_REWARD = "toy_rewards:starts_with_letter"  # learnable from a random model: ~25% of its samples at first
+TOY_MODULE = '''
+def starts_with_letter(prompts, completions, answers):
+    return [1.0 if c[:1].isalpha() else 0.0 for c in completions]
+'''
+
+
+@pytest.fixture(scope="module")
+def toy_rewards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dir holding the module of TOY_REWARD (an RL reward given as module:function), on sys.path for the
+    module's tests; subprocesses get it through PYTHONPATH."""
+    root = tmp_path_factory.mktemp("rewards")
+    (root / "toy_rewards.py").write_text(TOY_MODULE)
+    sys.path.insert(0, str(root))
+    yield root
+    sys.path.remove(str(root))
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """RL prompts with answers: the SFT test pairs, six times over."""
+    from test_sft import PAIRS
+
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in PAIRS * 6))
+    return path

@@ -29,33 +29,11 @@ from lmforge.stages.sft import base_model
 from lmforge.train.checkpoint import latest_checkpoint, load_trainer_state
 from lmforge.train.metrics import MetricsLog
 
-from conftest import kill_after_checkpoint
+from conftest import TOY_REWARD, kill_after_checkpoint
 from test_sft import PAIRS
 from test_train import REPO, assert_same_weights, subprocess_env, train_losses, weights
 
 CPU = torch.device("cpu")
-TOY_REWARD = "grpo_toy_rewards:starts_with_letter"  # learnable from a random model: ~25% of its samples at first
-TOY_MODULE = '''
-def starts_with_letter(prompts, completions, answers):
-    return [1.0 if c[:1].isalpha() else 0.0 for c in completions]
-'''
-
-
-@pytest.fixture(scope="module")
-def toy_rewards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A dir holding the module of TOY_REWARD, on sys.path for this module's tests."""
-    root = tmp_path_factory.mktemp("rewards")
-    (root / "grpo_toy_rewards.py").write_text(TOY_MODULE)
-    sys.path.insert(0, str(root))
-    yield root
-    sys.path.remove(str(root))
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("grpo") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in PAIRS * 6))
-    return path
 
 
 def grpo_config(base: Path, files: list[str], out_dir: Path, **overrides) -> GRPOConfig:
@@ -168,7 +146,7 @@ def test_rewards_by_name_and_by_path(toy_rewards):
     totals, each = score(rewards, [""] * 6, completions, answers)
     assert each[TOY_REWARD] == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
     assert totals == [1.0, 1.0, 0.0, 1.0, 1.0, 0.5]
-    for bad, said in [("no_such_module_xyz:fn", "cannot import"), ("grpo_toy_rewards:missing", "no function"),
+    for bad, said in [("no_such_module_xyz:fn", "cannot import"), ("toy_rewards:missing", "no function"),
                       ("exactness", "not a built-in")]:
         with pytest.raises(ConfigError, match=said):
             load_reward(bad)

@@ -24,32 +24,9 @@ from lmforge.stages.ppo import ppo
 from lmforge.train.checkpoint import latest_checkpoint, load_trainer_state
 from lmforge.train.metrics import MetricsLog
 
-from conftest import kill_after_checkpoint
+from conftest import TOY_REWARD, kill_after_checkpoint
 from test_sft import PAIRS
 from test_train import REPO, assert_same_weights, subprocess_env, train_losses, weights
-
-TOY_REWARD = "ppo_toy_rewards:starts_with_letter"  # learnable from a random model: ~25% of its samples at first
-TOY_MODULE = '''
-def starts_with_letter(prompts, completions, answers):
-    return [1.0 if c[:1].isalpha() else 0.0 for c in completions]
-'''
-
-
-@pytest.fixture(scope="module")
-def toy_rewards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A dir holding the module of TOY_REWARD, on sys.path for this module's tests."""
-    root = tmp_path_factory.mktemp("rewards")
-    (root / "ppo_toy_rewards.py").write_text(TOY_MODULE)
-    sys.path.insert(0, str(root))
-    yield root
-    sys.path.remove(str(root))
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ppo") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in PAIRS * 6))
-    return path
 
 
 @pytest.fixture(scope="module")

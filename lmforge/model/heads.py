@@ -28,16 +28,13 @@ HEAD_CONFIG = "task_head.json"
 HEAD_WEIGHTS = "task_head.safetensors"
 
 
-class TaskHeadModel(nn.Module):
-    """A language model and a linear task head; see the module docstring. `labels` names the classes."""
+class LMWrapper(nn.Module):
+    """A module around a language model `lm` (a Transformer or a PeftModel) that answers for it where the training
+    loop asks: its config and its activation checkpointing switch."""
 
-    def __init__(self, lm: nn.Module, kind: HeadKind, labels: list[str]) -> None:
+    def __init__(self, lm: nn.Module) -> None:
         super().__init__()
-        self.lm, self.kind, self.labels = lm, kind, list(labels)
-        outputs = 1 if kind in ("multiple_choice", "reward") else len(labels)
-        self.head = nn.Linear(lm.config.d_model, outputs)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.lm = lm
 
     @property
     def config(self) -> Any:
@@ -50,6 +47,18 @@ class TaskHeadModel(nn.Module):
     @activation_checkpointing.setter
     def activation_checkpointing(self, value: bool) -> None:
         self.lm.activation_checkpointing = value
+
+
+class TaskHeadModel(LMWrapper):
+    """A language model and a linear task head; see the module docstring. `labels` names the classes."""
+
+    def __init__(self, lm: nn.Module, kind: HeadKind, labels: list[str]) -> None:
+        super().__init__(lm)
+        self.kind, self.labels = kind, list(labels)
+        outputs = 1 if kind in ("multiple_choice", "reward") else len(labels)
+        self.head = nn.Linear(lm.config.d_model, outputs)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
 
     def flops_per_token(self, seq_len: int) -> int:
         return self.lm.flops_per_token(seq_len)

@@ -25,32 +25,20 @@ from torch import Tensor, nn
 
 from lmforge.io import atomic_write_json, load_safetensors, save_safetensors
 from lmforge.model.fused_loss import token_logprobs
+from lmforge.model.heads import LMWrapper
 
 VALUE_HEAD_WEIGHTS = "value_head.safetensors"
 VALUE_HEAD_CONFIG = "value_head.json"
 
 
-class PolicyWithValue(nn.Module):
+class PolicyWithValue(LMWrapper):
     """A language model and a scalar value head on its final hidden states; see the module docstring."""
 
     def __init__(self, lm: nn.Module) -> None:
-        super().__init__()
-        self.lm = lm
+        super().__init__(lm)
         self.value_head = nn.Linear(lm.config.d_model, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
-
-    @property
-    def config(self) -> Any:
-        return self.lm.config
-
-    @property
-    def activation_checkpointing(self) -> bool:
-        return self.lm.activation_checkpointing
-
-    @activation_checkpointing.setter
-    def activation_checkpointing(self, value: bool) -> None:
-        self.lm.activation_checkpointing = value
 
     def flops_per_token(self, seq_len: int) -> int:
         return self.lm.flops_per_token(seq_len) + 6 * self.value_head.weight.numel()
