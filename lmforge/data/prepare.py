@@ -272,8 +272,7 @@ _worker_task: Optional[Callable[[Any], Any]] = None  # set once per worker proce
 
 def _init_worker(task: Callable[[Any], Any]) -> None:
     global _worker_task
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (see _sigint_blocked)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one that came while starting is dropped now
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (see _hold_sigint)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
     _worker_task = task
 
@@ -283,22 +282,26 @@ def _run_worker(item: Any) -> Any:
     return _worker_task(item)
 
 
-def _block_sigint() -> Optional[set]:
-    """Block SIGINT in this thread while worker processes are started, so that they start with it blocked; returns
-    the mask to restore (None off the main thread, which never handles signals).
+def _hold_sigint() -> Optional[tuple[set, Any]]:
+    """Hold Ctrl-C while worker processes are started: block SIGINT in this process and ignore it, so that the
+    workers start ignoring it (a spawned process keeps an ignored signal ignored, though not a blocked one); returns
+    what _release_sigint restores (None off the main thread, which never handles signals).
 
-    A terminal's Ctrl-C reaches every process of the group. A worker that raised KeyboardInterrupt would print its
-    traceback, and one that died holding a pool lock would hang Pool.terminate. A spawned process inherits the
-    blocked signal, which covers the second or so of imports before the pool initializer runs; the initializer
-    then ignores SIGINT and unblocks it (dropping one that arrived). In this process a Ctrl-C that arrives while
-    it is blocked stays pending and is delivered when the mask is restored: never lost."""
+    A terminal's Ctrl-C reaches every process of the group. A worker that raised KeyboardInterrupt while importing
+    would print its traceback, and one that died holding a pool lock would hang Pool.terminate; the pool
+    initializer ignores SIGINT again for workers started later. In this process the signal is blocked as well as
+    ignored, and Linux keeps a blocked signal pending even when it is ignored: a Ctrl-C during the start is
+    delivered when _release_sigint puts the handler back and unblocks it, never lost."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    return mask, signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _restore_mask(mask: Optional[set]) -> None:
-    if mask is not None:
+def _release_sigint(held: Optional[tuple[set, Any]]) -> None:
+    if held is not None:
+        mask, handler = held
+        signal.signal(signal.SIGINT, handler)  # the handler first: a pending signal is delivered to it on unblocking
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
@@ -325,14 +328,14 @@ def _ordered_map(task: Callable[[Any], Any], items: Iterable[Any], workers: int,
                     future.cancel()
         return
     # spawn, not fork: a forked child of a process whose tokenizers/torch threads are running can deadlock.
-    mask = _block_sigint()
+    held = _hold_sigint()
     try:
         pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (task,))
     except BaseException:
-        _restore_mask(mask)
+        _release_sigint(held)
         raise
     with pool:  # leaving it, normally or not, terminates the workers
-        _restore_mask(mask)  # a Ctrl-C pending since the start is raised here, where the pool is cleaned up
+        _release_sigint(held)  # a Ctrl-C pending since the start is raised here, where the pool is cleaned up
         yield from pool.imap(_run_worker, items)
 
 
