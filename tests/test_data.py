@@ -323,6 +323,13 @@ def _process_group_alive(pgid: int) -> bool:
     return False
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT to its default, as in a terminal. A test run started as a background job of
+    a non-interactive shell (`cmd &`) inherits SIGINT ignored, and an ignored SIGINT stays ignored in the child,
+    rightly: lmforge then never sees the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("wait_for", ["build dir", "first spooled document"])
 def test_ctrl_c_stops_cleanly(tmp_path: Path, wait_for: str) -> None:
@@ -341,7 +348,7 @@ def test_ctrl_c_stops_cleanly(tmp_path: Path, wait_for: str) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "data", "prepare", "--sources",
                              f"{corpus}:split=paragraph", "--out_dir", str(out), "--vocab_size", "300",
                              "--num_workers", "2"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=_default_sigint)
     build_dir = tmp_path / f".ds.tmp-{proc.pid}"
     started = build_dir if wait_for == "build dir" else build_dir / "spool" / "train_0.bin"
     try:
