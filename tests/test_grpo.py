@@ -173,6 +173,13 @@ def test_bad_prompt_record_names_its_line(base, tmp_path, capsys):
     assert main(["grpo", str(base), "--data.train", str(data), "--out_dir", str(tmp_path / "run"),
                  "--train.device", "cpu", "--rewards", "format"]) == 2
     assert f"{data}:2" in capsys.readouterr().err
+    for record, said in (({"prompt": " ", "answer": "5"}, "empty prompt"),
+                         ({"prompt": [{"role": "assistant", "content": "x"}]}, "must end with a user turn")):
+        data.write_text(json.dumps(record) + "\n")
+        assert main(["grpo", str(base), "--data.train", str(data), "--out_dir", str(tmp_path / "run"),
+                     "--train.device", "cpu", "--rewards", "format"]) == 2
+        err = capsys.readouterr().err
+        assert f"{data}:1" in err and said in err
 
 
 # ---- rollouts --------------------------------------------------------------------------------------------------

@@ -167,3 +167,7 @@ def test_bad_judge_dirs_and_outputs_are_one_line_errors(base, tmp_path, capsys):
     notes.write_text("keep me\n")
     assert main(rlaif_args(base, base, prompt_file(tmp_path), notes)) == 2
     assert "is not a .jsonl file" in _one_line_error(capsys) and notes.read_text() == "keep me\n"
+    prompts = prompt_file(tmp_path)
+    before = prompts.read_bytes()
+    assert main(rlaif_args(base, base, prompts, prompts)) == 2  # the output may not replace an input
+    assert "is one of this command's inputs" in _one_line_error(capsys) and prompts.read_bytes() == before

@@ -7,7 +7,9 @@ Three scorers, by what is evaluated:
 - a policy alone: log pi(y|x).
 For every pair (chosen w, rejected l) the score difference s(w) - s(l) is the margin; accuracy is the share of
 pairs with a positive margin, and the report gives the mean margin too. A log-probability is summed over the
-response's tokens and, in the chat format, the token that ends the assistant turn (what DPO trains on).
+response's tokens and, in the chat format, the first token that ends the assistant turn: for lmforge's chat
+template exactly what DPO trains on (a Hugging Face template may end a turn with more tokens, which DPO also
+trains on and this leaves out).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from lmforge.stages.config import DPOConfig
 from lmforge.stages.preference import (check_data, load_items, preference_stage, reference_logps,
                                        tokenize_items)
 from lmforge.train.distributed import close_distributed, init_distributed
-from lmforge.train.loop import train
+from lmforge.train.loop import autocast_dtype, precision_context, train
 
 __all__ = ["DPOConfig", "dpo"]
 
@@ -67,12 +67,15 @@ def dpo(cfg: DPOConfig) -> Path:
     try:
         check_batch_split(cfg.train.batch_size, ctx.world_size)
         reference = load_reference(cfg, model, tokenizer).to(ctx.device)
+        val_groups = val_groups[:cfg.train.eval_batches * cfg.train.batch_size]  # the ones validation uses
         if cfg.reference_mode == "precompute":
             if ctx.rank == 0:
                 print(f"dpo: reference log-probabilities of {sum(len(g.responses) for g in groups + val_groups):,} "
                       "responses", flush=True)
+            half = autocast_dtype(ctx.device, cfg.train.dtype)
             for part in (groups, val_groups):
-                reference_logps(reference, part, tokenizer.pad_id, cfg.train.batch_size, ctx.device)
+                reference_logps(reference, part, tokenizer.pad_id, cfg.train.batch_size, ctx.device,
+                                lambda: precision_context(ctx.device, half))
             reference = None  # freed: nothing but the policy in memory while training
         if ctx.rank == 0:
             print(f"dpo: {len(groups):,} training items ({counts['pairs']:,} pairs), {len(val_groups):,} validation "

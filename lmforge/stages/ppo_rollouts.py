@@ -156,7 +156,8 @@ class PPORollouts:
                 responses = [sample_group(model.lm, p.ids, 1, self.generation, self.stop_ids,
                                           torch.Generator(device).manual_seed(rollout_seed(self.seed, first + i)))[0]
                              for i, p in enumerate(chosen)]
-            texts = [self.tokenizer.decode(r[:-1] if r[-1] in self.stop_ids else r) for r in responses]
+            texts = [self.tokenizer.decode(r[:-1] if r[-1] in self.stop_ids else r, skip_special_tokens=True)
+                     for r in responses]
             scores = torch.tensor(self.score(chosen, texts), dtype=torch.float32)
             batch = {k: v.to(device) for k, v in collate_rollouts(chosen, responses, 1, self.tokenizer.pad_id).items()}
             with self.precision():

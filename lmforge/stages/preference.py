@@ -156,16 +156,20 @@ def count_pairs(batch: dict[str, torch.Tensor]) -> int:
 
 @torch.no_grad()
 def reference_logps(model: Any, groups: Sequence[Group], pad_id: int, batch_size: int,
-                    device: torch.device) -> None:
+                    device: torch.device, precision: Any = None) -> None:
     """Fill every response's ref_logp with `model`'s summed log-probability of its response tokens (eval mode,
-    no gradients): the reference computed once, before training."""
+    no gradients, under `precision()`: the training loop's autocast, so that at the first step the policy's
+    log-probabilities equal these): the reference computed once, before training."""
+    from contextlib import nullcontext
+
     from lmforge.objectives.dpo import sequence_logps
 
     was_training = model.training
     model.eval()
     for start in range(0, len(groups), batch_size):
         chunk = groups[start:start + batch_size]
-        values = sequence_logps(model, collate_groups(chunk, pad_id, device)).tolist()
+        with (precision or nullcontext)():
+            values = sequence_logps(model, collate_groups(chunk, pad_id, device)).float().tolist()
         for response, value in zip((r for g in chunk for r in g.responses), values):
             response.ref_logp = value
     model.train(was_training)

@@ -113,7 +113,8 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt], samp
     for position, prompt in enumerate(prompts):
         generator = torch.Generator(device).manual_seed(rollout_seed(seed, position))
         completions = sample_group(model, prompt.ids, samples, generation, stop_ids, generator)
-        groups.append([tokenizer.decode(c[:-1] if c and c[-1] in stop_ids else c) for c in completions])
+        groups.append([tokenizer.decode(c[:-1] if c and c[-1] in stop_ids else c, skip_special_tokens=True)
+                       for c in completions])
     return groups
 
 
@@ -166,11 +167,14 @@ def format_agreement(agreement: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def check_outputs(out: Path) -> Path:
-    """The report path next to `out`, after refusing an `out` that is not a JSONL file or a report path that is a
-    directory."""
+def check_outputs(out: Path, inputs: Sequence[str] = ()) -> Path:
+    """The report path next to `out`, after refusing an `out` that is one of the command's input files, is not a
+    JSONL file, or whose report path is a directory."""
     from lmforge.tasks.commands import check_output_file
 
+    for name in inputs:
+        if name and name != "builtin" and Path(name).resolve() == out.resolve():
+            raise ConfigError(f"out {out} is one of this command's inputs ({name}); choose another path")
     check_output_file(out)
     report = Path(f"{out}.report.json")
     if report.is_dir():
@@ -187,7 +191,7 @@ def rlaif(cfg: RLAIFConfig) -> dict[str, Any]:
     started = time.perf_counter()
     rubric = check_config(cfg)
     out = Path(cfg.out)
-    report_path = check_outputs(out)
+    report_path = check_outputs(out, [*cfg.data.train, *cfg.data.val, cfg.rubric_file])
     judge_kind(cfg.judge)  # a bad judge dir fails before the sampling, not after
     prompts = load_rlaif_prompts(cfg.data, cfg.split, cfg.limit)
 

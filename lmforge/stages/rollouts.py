@@ -41,6 +41,7 @@ from lmforge.objectives.grpo import group_advantages
 from lmforge.objectives.rewards import RewardFn, score
 from lmforge.stages.config import GRPODataSection
 from lmforge.tasks.formats import iter_jsonl
+from lmforge.tasks.preferences import prompt_turns
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import all_gather_objects
 from lmforge.train.packing import ShuffledSampler
@@ -68,13 +69,11 @@ def read_prompts(path: str) -> list[Prompt]:
     prompts = []
     for number, record in iter_jsonl(path):
         where = f"{path}:{number}"
-        prompt = record.get("prompt") if isinstance(record, dict) else None
-        answer = record.get("answer", "") if isinstance(record, dict) else None
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)):
+        if not isinstance(record, dict) or "prompt" not in record:
             raise DataError(f"{where}: expected {{\"prompt\": text or a list of chat messages, \"answer\": text}}, "
                             f"got {str(record)[:200]}")
+        prompt = prompt_turns(record["prompt"], where, "prompt")  # non-empty, ending with a user turn
+        answer = record.get("answer", "")
         if isinstance(answer, int) and not isinstance(answer, bool):
             answer = str(answer)
         if not isinstance(answer, str):
@@ -206,7 +205,8 @@ class RolloutSource:
                                for c in sample_group(model, p.ids, group, self.generation, self.stop_ids,
                                                      torch.Generator(device).manual_seed(seed))]
             batch = collate_rollouts(prompts, completions, group, self.tokenizer.pad_id)
-            texts = [self.tokenizer.decode(c[:-1] if c[-1] in self.stop_ids else c) for c in completions]
+            texts = [self.tokenizer.decode(c[:-1] if c[-1] in self.stop_ids else c, skip_special_tokens=True)
+                     for c in completions]
             totals, _ = score(self.rewards, [p.text for p in prompts for _ in range(group)], texts,
                               [p.answer for p in prompts for _ in range(group)])
             batch["rewards"] = torch.tensor(totals, dtype=torch.float32)

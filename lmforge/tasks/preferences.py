@@ -38,7 +38,9 @@ class PreferenceItem:
         return [(i, j) for i in range(k) for j in range(i + 1, k)]
 
 
-def _prompt_turns(value: Any, where: str, key: str) -> Conversation:
+def prompt_turns(value: Any, where: str, key: str) -> Conversation:
+    """A prompt as chat turns: a non-empty string (one user turn) or a list of {role, content} messages ending
+    with a user turn; a DataError naming `where` and `key` otherwise."""
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: {key}: empty prompt")
@@ -75,7 +77,7 @@ def parse_preference(record: Any, where: str) -> PreferenceItem:
     if key not in record:
         raise DataError(f"{where}: missing prompt (or messages); expected {{prompt, chosen, rejected}} or "
                         "{prompt, responses: [best, ..., worst]}")
-    prompt = _prompt_turns(record[key], where, key)
+    prompt = prompt_turns(record[key], where, key)
     if "responses" in record:
         if not isinstance(record["responses"], list) or len(record["responses"]) < 2:
             raise DataError(f"{where}: responses: expected a list of at least 2 responses, best first")

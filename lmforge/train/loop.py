@@ -233,7 +233,8 @@ class Trainer:
         self.lr = 0.0
         self.reserve_s = {"val": None, "save": None}  # measured durations of the last validation and checkpoint
         self.val_others: dict[str, float] = {}  # the last validation's other figures (val_accuracy, ...)
-        self.window_figures: dict[str, list[Any]] = {}  # the objective's other figures since the last train record
+        self.window_figures: dict[str, tuple[Any, int]] = {}  # the objective's other figures since the last train
+        # record, as (sum, count) on rank 0
         has_val = all_reduce([float(len(stage.val_batches))], self.device)[0] > 0
         if not has_val and not any("validation" in w for w in self.warnings):  # unless the stage said why
             self.warnings.append("no validation batches: val_loss will be null (the held-out split is empty or "
@@ -312,9 +313,11 @@ class Trainer:
                     loss, metrics = self.stage.objective(self.model, batch)
                 (loss / tc.grad_accum if scales is None else loss * scales[micro]).backward()
             loss_sum = loss_sum + (metrics["loss"] if scales is None else metrics["loss"] * scales[micro])
-            for key, value in metrics.items():  # the objective's other figures (a preference stage's accuracy)
-                if key not in ("loss", "tokens"):
-                    self.window_figures.setdefault(key, []).append(value)
+            if self.main:  # the objective's other figures (a preference stage's accuracy): running sums
+                for key, value in metrics.items():
+                    if key not in ("loss", "tokens"):
+                        total, count = self.window_figures.get(key, (0.0, 0))
+                        self.window_figures[key] = (total + value, count + 1)
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf  # inf: only measure (the scale is exactly 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm)
         self.optimizer.step()
@@ -421,8 +424,8 @@ class Trainer:
                           "loss": sum(window_losses) / len(window_losses), "lr": self.lr, "grad_norm": grad_norm,
                           "tok_per_s": tok_per_s, "mfu": utilisation, "peak_flops": self.peak,
                           "elapsed_s": self.elapsed(),
-                          **{k: sum(float(v) for v in values) / len(values)  # rank 0's micro-batches
-                             for k, values in self.window_figures.items()}}
+                          **{k: float(total) / count  # rank 0's micro-batches
+                             for k, (total, count) in self.window_figures.items()}}
                 self.window_figures = {}
                 self.metrics.write(record)
                 self.loggers.log(record)
