@@ -58,7 +58,6 @@ def kill_after_checkpoint(command: str, config: Path, run_dir: Path, step: int, 
     import os
     import signal
     import subprocess
-    import sys
 
     from test_train import REPO, subprocess_env
 
@@ -74,6 +73,21 @@ def kill_after_checkpoint(command: str, config: Path, run_dir: Path, step: int, 
     process.send_signal(signal.SIGKILL)
     process.wait()
     process.stderr.close()
+
+
+def run_on_two_processes(command: str, config: Path, *extra: str, pythonpath: tuple[str, ...] = ()) -> None:
+    """`lmforge COMMAND --config CONFIG EXTRA...` on 2 gloo processes under torchrun; fails showing its stderr
+    unless it exits 0."""
+    import os
+    import subprocess
+
+    from test_train import REPO, subprocess_env
+
+    env = {**subprocess_env(), "PYTHONPATH": os.pathsep.join([str(REPO), *pythonpath])}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "lmforge", command, "--config", str(config), *extra],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def wait_while_running(done, process, timeout: float = 90.0) -> None:

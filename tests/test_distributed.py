@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_on_two_processes
 from test_train import (REPO, TINY_MODEL, assert_same_weights, config_dict, subprocess_env, train_losses, weights,
                         write_dataset)
 
@@ -47,10 +48,7 @@ def run_two(config: dict) -> Path:
     run_dir = Path(config["out_dir"])
     config_file = run_dir.parent / f"{run_dir.name}.json"
     config_file.write_text(json.dumps(config))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "lmforge", "pretrain", "--config", str(config_file)],
-                            env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_on_two_processes("pretrain", config_file)
     return run_dir
 
 

@@ -3,10 +3,7 @@ end (the reward rises), the reference model only when beta > 0, reused rollout b
 LoRA, bad input."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,9 +26,9 @@ from lmforge.stages.sft import base_model
 from lmforge.train.checkpoint import latest_checkpoint, load_trainer_state
 from lmforge.train.metrics import MetricsLog
 
-from conftest import TOY_REWARD, kill_after_checkpoint
+from conftest import TOY_REWARD, kill_after_checkpoint, run_on_two_processes
 from test_sft import PAIRS
-from test_train import REPO, assert_same_weights, subprocess_env, train_losses, weights
+from test_train import assert_same_weights, train_losses, weights
 
 CPU = torch.device("cpu")
 
@@ -306,15 +303,7 @@ def test_grpo_under_ddp_matches_one_process_and_resumes_mid_cycle(base, prompts_
     settings = {"max_steps": 3, "batch_size": 4, "grad_accum": 2, "checkpoint_interval": 1, "keep_checkpoints": 0}
     two_cfg = grpo_config(base, [str(prompts_file)], tmp_path / "two", iterations=2, train=settings)
     (tmp_path / "two.json").write_text(json.dumps(config_to_dict(two_cfg)))
-    env = {**subprocess_env(), "PYTHONPATH": os.pathsep.join([str(REPO), str(toy_rewards)])}
-
-    def two_processes(*extra: str) -> None:
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                 "2", "-m", "lmforge", "grpo", "--config", str(tmp_path / "two.json"), *extra],
-                                env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
-        assert result.returncode == 0, result.stderr[-3000:]
-
-    two_processes()
+    run_on_two_processes("grpo", tmp_path / "two.json", pythonpath=(str(toy_rewards),))
     one = grpo(grpo_config(base, [str(prompts_file)], tmp_path / "one", iterations=2, train=settings))
     uninterrupted = weights(tmp_path / "two")
     assert_same_weights(uninterrupted, weights(one), atol=1e-5)
@@ -324,6 +313,6 @@ def test_grpo_under_ddp_matches_one_process_and_resumes_mid_cycle(base, prompts_
     for step in (2, 3):
         shutil.rmtree(tmp_path / "two" / "checkpoints" / f"step_{step}")
     assert len(load_trainer_state(latest_checkpoint(tmp_path / "two"))["sampler"]["reused"][0]) == 2  # both ranks'
-    two_processes("--resume")
+    run_on_two_processes("grpo", tmp_path / "two.json", "--resume", pythonpath=(str(toy_rewards),))
     assert_same_weights(weights(tmp_path / "two"), uninterrupted)
     assert train_losses(tmp_path / "two") == two_losses

@@ -12,6 +12,7 @@ from lmforge.convert import load
 from lmforge.stages.sft import sft
 from lmforge.train.checkpoint import latest_checkpoint
 
+from conftest import run_on_two_processes
 from test_sft import chat_records, config, write_jsonl
 from test_train import assert_same_weights
 
@@ -85,19 +86,12 @@ def test_every_method_trains_on_packed_conversations(base, data, tmp_path, peft)
 
 @pytest.mark.slow
 def test_lora_sft_under_ddp_matches_one_process(base, data, tmp_path):
-    import subprocess
-    import sys
-
     from lmforge.config import config_to_dict
-    from test_train import REPO, subprocess_env
 
     peft = {"method": "lora", "targets": ["q", "v"], "r": 4}
     settings = {"max_steps": 4, "batch_size": 4, "grad_accum": 2}
     two_cfg = config(base, [str(data)], tmp_path / "two", peft=peft, train=settings)
     (tmp_path / "two.json").write_text(json.dumps(config_to_dict(two_cfg)))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "lmforge", "sft", "--config", str(tmp_path / "two.json")],
-                            env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_on_two_processes("sft", tmp_path / "two.json")
     one = sft(config(base, [str(data)], tmp_path / "one", peft=peft, train=settings))
     assert_same_weights(adapter_weights(tmp_path / "two"), adapter_weights(one), atol=1e-5)

@@ -4,10 +4,7 @@ reward model, early stop on target_kl, one-line errors, LoRA, exact resume after
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,9 +21,9 @@ from lmforge.stages.ppo import ppo
 from lmforge.train.checkpoint import latest_checkpoint, load_trainer_state
 from lmforge.train.metrics import MetricsLog
 
-from conftest import TOY_REWARD, kill_after_checkpoint
+from conftest import TOY_REWARD, kill_after_checkpoint, run_on_two_processes
 from test_sft import PAIRS
-from test_train import REPO, assert_same_weights, subprocess_env, train_losses, weights
+from test_train import assert_same_weights, train_losses, weights
 
 
 @pytest.fixture(scope="module")
@@ -369,15 +366,7 @@ def test_ppo_under_ddp_matches_one_process_and_resumes_mid_rollout(base, prompts
                           "eval_interval": 0}}
     two_cfg = ppo_config(base, [str(prompts_file)], tmp_path / "two", **settings)
     (tmp_path / "two.json").write_text(json.dumps(config_to_dict(two_cfg)))
-    env = {**subprocess_env(), "PYTHONPATH": os.pathsep.join([str(REPO), str(toy_rewards)])}
-
-    def two_processes(*extra: str) -> None:
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                 "2", "-m", "lmforge", "ppo", "--config", str(tmp_path / "two.json"), *extra],
-                                env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
-        assert result.returncode == 0, result.stderr[-3000:]
-
-    two_processes()
+    run_on_two_processes("ppo", tmp_path / "two.json", pythonpath=(str(toy_rewards),))
     one = ppo(ppo_config(base, [str(prompts_file)], tmp_path / "one", **settings))
     uninterrupted, heads = weights(tmp_path / "two"), value_heads(tmp_path / "two")
     assert_same_weights(uninterrupted, weights(one), atol=1e-5)
@@ -388,6 +377,6 @@ def test_ppo_under_ddp_matches_one_process_and_resumes_mid_rollout(base, prompts
     for step in (2, 3):
         shutil.rmtree(tmp_path / "two" / "checkpoints" / f"step_{step}")
     assert load_trainer_state(latest_checkpoint(tmp_path / "two"))["sampler"]["table"] is not None
-    two_processes("--resume")
+    run_on_two_processes("ppo", tmp_path / "two.json", "--resume", pythonpath=(str(toy_rewards),))
     assert_same_weights(weights(tmp_path / "two"), uninterrupted)
     assert train_losses(tmp_path / "two") == two_losses

@@ -3,8 +3,6 @@ resume after SIGKILL, eval of preference sets, bad input."""
 
 import json
 import math
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,8 +22,8 @@ from lmforge.tasks.preferences import parse_preference, read_preferences
 from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.metrics import MetricsLog
 
-from conftest import kill_after_checkpoint
-from test_train import REPO, assert_same_weights, subprocess_env, train_losses, weights
+from conftest import kill_after_checkpoint, run_on_two_processes
+from test_train import assert_same_weights, train_losses, weights
 
 QUESTIONS = [("2 + 3", "5", "6"), ("the opposite of hot", "cold", "warm"), ("a dog is a kind of", "animal", "mat"),
              ("the cat", "die Katze", "der Hund"), ("4 + 4", "8", "9"), ("the opposite of up", "down", "sat")]
@@ -273,10 +271,7 @@ def test_dpo_under_ddp_matches_one_process(base, tmp_path):
     settings = {"max_steps": 4, "batch_size": 4, "grad_accum": 2}
     two_cfg = dpo_config(base, [str(data)], tmp_path / "two", train=settings)
     (tmp_path / "two.json").write_text(json.dumps(config_to_dict(two_cfg)))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "lmforge", "dpo", "--config", str(tmp_path / "two.json")],
-                            env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_on_two_processes("dpo", tmp_path / "two.json")
     one = dpo(dpo_config(base, [str(data)], tmp_path / "one", train=settings))
     assert_same_weights(weights(tmp_path / "two"), weights(one), atol=1e-5)
     two_losses, one_losses = train_losses(tmp_path / "two"), train_losses(one)
