@@ -15,18 +15,24 @@ multi-turn prompt are context. A batch of B items with K_1..K_B responses has N 
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
 from lmforge.data.mixture import hash_fraction
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.model.fused_loss import IGNORE_INDEX
+from lmforge.objectives.dpo import sequence_logps
+from lmforge.stages.common import tokenizer_source
 from lmforge.stages.config import PreferenceDataSection
 from lmforge.tasks.preferences import PreferenceItem, builtin_preferences, read_preferences
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.loop import Stage
 from lmforge.train.packing import ShuffledSampler, rank_batches
 
 
@@ -160,10 +166,6 @@ def reference_logps(model: Any, groups: Sequence[Group], pad_id: int, batch_size
     """Fill every response's ref_logp with `model`'s summed log-probability of its response tokens (eval mode,
     no gradients, under `precision()`: the training loop's autocast, so that at the first step the policy's
     log-probabilities equal these): the reference computed once, before training."""
-    from contextlib import nullcontext
-
-    from lmforge.objectives.dpo import sequence_logps
-
     was_training = model.training
     model.eval()
     for start in range(0, len(groups), batch_size):
@@ -182,24 +184,17 @@ def stage_figures(groups: Sequence[Group], val_groups: Sequence[Group], counts: 
 
 
 def check_data(data: PreferenceDataSection) -> None:
-    from lmforge.errors import ConfigError
-
+    """One-line errors for data settings out of range."""
     if not 0 <= data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {data.val_fraction}")
 
 
 def preference_stage(name: str, cfg: Any, model: Any, objective: Any, groups: Sequence[Group],
                      val_groups: Sequence[Group], counts: Counter, tokenizer: Tokenizer, ctx: Any, seq_len: int,
-                     model_files: dict[str, Any]) -> Any:
+                     model_files: dict[str, Any]) -> Stage:
     """The loop's Stage of a preference stage (reward, dpo): `objective(model, batch, sync=...)` over groups of
     ranked responses, the first eval_batches * batch_size validation groups, micro-batches weighed by their pairs;
     items dropped by the truncation policy are a warning."""
-    import functools
-    from pathlib import Path
-
-    from lmforge.stages.common import tokenizer_source
-    from lmforge.train.loop import Stage
-
     tc = cfg.train
     warnings = [f"{counts['dropped']} items dropped at seq_len {seq_len} (data.truncation={cfg.data.truncation})"] \
         if counts["dropped"] else []
