@@ -170,9 +170,10 @@ def evaluate_generation(model: Any, tokenizer: Any, task: EvalTask, fmt: PromptF
     return result
 
 
-def task_head_scorer(cfg: EvalConfig, tokenizer: Any) -> Any:
+def task_head_scorer(cfg: EvalConfig, tokenizer: Any, model: Any) -> Any:
     """(built-in task, scorer) when cfg.model carries a GPT-1 task head (lmforge finetune) for a built-in task:
-    entailment scores nli and multiple_choice scores mc_define with the head instead of log-likelihoods."""
+    entailment scores nli and multiple_choice scores mc_define with the head (on `model`, the dir's language model
+    already loaded) instead of log-likelihoods."""
     from lmforge.model.heads import load_task_head, read_head_config
     from lmforge.stages.finetune import BUILTIN, builtin_items, head_accuracy
 
@@ -181,19 +182,20 @@ def task_head_scorer(cfg: EvalConfig, tokenizer: Any) -> Any:
         return None
     from lmforge.device import resolve_device
 
-    model = load_task_head(cfg.model).to(resolve_device(cfg.device))
+    head_model = load_task_head(cfg.model, model).to(resolve_device(cfg.device))
 
     def score(task: EvalTask) -> dict[str, Any]:
         items = builtin_items(config["kind"], cfg.split, cfg.cache_dir or None, cfg.limit)
-        accuracy = head_accuracy(model, tokenizer, items, cfg.batch_size)
+        accuracy = head_accuracy(head_model, tokenizer, items, cfg.batch_size)
         return {"acc": accuracy, "value": accuracy, "scored_by": f"task head ({config['kind']})"}
 
     return BUILTIN[config["kind"]], score
 
 
-def preference_scorers(cfg: EvalConfig, tasks: list[EvalTask], tokenizer: Any) -> tuple[Any, Any]:
-    """(reference model or None, reward model or None) for the preference tasks: the reward model when cfg.model
-    is a reward model dir, the reference when cfg.reference is given (its tokenizer must be the model's)."""
+def preference_scorers(cfg: EvalConfig, tasks: list[EvalTask], tokenizer: Any, model: Any) -> tuple[Any, Any]:
+    """(reference model or None, reward model or None) for the preference tasks: the reward model (its head on
+    `model`, the dir's language model already loaded) when cfg.model is a reward model dir, the reference when
+    cfg.reference is given (its tokenizer must be the model's)."""
     from lmforge.model.heads import read_head_config
 
     if not any(task.spec.kind == "preference" for task in tasks):
@@ -205,7 +207,7 @@ def preference_scorers(cfg: EvalConfig, tasks: list[EvalTask], tokenizer: Any) -
     if head is not None and head.get("kind") == "reward":
         from lmforge.stages.reward import load_reward_model
 
-        return None, load_reward_model(cfg.model, cfg.device)[0]
+        return None, load_reward_model(cfg.model, cfg.device, model)[0]
     if not cfg.reference:
         return None, None
     from lmforge.convert import load_with_tokenizer
@@ -250,8 +252,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     started = time.perf_counter()
     report: dict[str, Any] = {"model": cfg.model, "format": fmt.name, "split": cfg.split, "shots": cfg.shots,
                               "tasks": {}}
-    head = task_head_scorer(cfg, tokenizer)
-    reference, reward_model = preference_scorers(cfg, tasks, tokenizer)
+    head = task_head_scorer(cfg, tokenizer, model)
+    reference, reward_model = preference_scorers(cfg, tasks, tokenizer, model)
     for task in tasks:
         task_started = time.perf_counter()
         if task.spec.kind == "preference":

@@ -116,14 +116,15 @@ def read_head_config(directory: str | Path) -> Optional[dict[str, Any]]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_task_head(directory: str | Path) -> TaskHeadModel:
-    """The model dir's language model (lmforge.convert.load) with its task head, in eval mode."""
+def load_task_head(directory: str | Path, lm: Optional[nn.Module] = None) -> TaskHeadModel:
+    """The model dir's language model (lmforge.convert.load, or `lm` when the caller has already loaded it) with
+    its task head, in eval mode."""
     from lmforge.convert import load
     from lmforge.errors import LmforgeError
 
     config = read_head_config(directory)
     if config is None:
         raise LmforgeError(f"{directory}: no {HEAD_CONFIG} (not a model dir written by lmforge finetune)")
-    model = TaskHeadModel(load(directory), config["kind"], config["labels"])
+    model = TaskHeadModel(load(directory) if lm is None else lm, config["kind"], config["labels"])
     model.head.load_state_dict(load_safetensors(Path(directory) / HEAD_WEIGHTS))
     return model.eval()

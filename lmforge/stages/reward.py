@@ -64,7 +64,7 @@ def reward(cfg: RewardConfig) -> Path:
         close_distributed(ctx)
 
 
-def load_reward_model(model_dir: str, device: Any = "cpu") -> tuple[Any, Any]:
+def load_reward_model(model_dir: str, device: Any = "cpu", lm: Any = None) -> tuple[Any, Any]:
     """(reward model in eval mode, tokenizer) of a reward model dir; a one-line error for any other dir."""
     from lmforge.device import resolve_device
     from lmforge.model.heads import load_task_head, read_head_config
@@ -77,7 +77,7 @@ def load_reward_model(model_dir: str, device: Any = "cpu") -> tuple[Any, Any]:
     tokenizer = model_dir_tokenizer(model_dir)
     if tokenizer is None:
         raise DataError(f"{model_dir}: no tokenizer files (tokenizer.json)")
-    return load_task_head(model_dir).to(resolve_device(str(device))), tokenizer
+    return load_task_head(model_dir, lm).to(resolve_device(str(device))), tokenizer
 
 
 @torch.no_grad()
