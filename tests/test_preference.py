@@ -276,3 +276,16 @@ def test_dpo_under_ddp_matches_one_process(base, tmp_path):
     assert_same_weights(weights(tmp_path / "two"), weights(one), atol=1e-5)
     two_losses, one_losses = train_losses(tmp_path / "two"), train_losses(one)
     assert all(abs(two_losses[k] - one_losses[k]) < 1e-5 for k in one_losses)
+
+
+def test_reward_model_with_lora_saves_an_adapter_and_its_head(base, tmp_path):
+    data = write_jsonl(tmp_path / "p.jsonl", pair_records(24))
+    cfg = build_config(RewardConfig, {"model": str(base), "data": {"train": [str(data)], "val_fraction": 0.25},
+                                      "peft": {"method": "lora", "r": 4}, "out_dir": str(tmp_path / "rm"),
+                                      "train": train_section(max_steps=4)})
+    final = reward(cfg) / "final"
+    assert (final / "lmforge_adapter.json").is_file() and (final / "task_head.safetensors").is_file()
+    summary = json.loads((final.parent / "summary.json").read_text())
+    assert summary["trainable_parameters"] < summary["parameters"] / 5  # the adapter and the head only
+    model, tokenizer = load_reward_model(str(final))
+    assert len(reward_scores(model, tokenizer, ["2 + 3"], ["5"])) == 1
