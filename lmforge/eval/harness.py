@@ -123,8 +123,9 @@ def evaluate_choice(model: Any, task: EvalTask, fmt: PromptFormat, cfg: EvalConf
 
 def generate_answers(model: Any, tokenizer: Any, contexts: list[list[int]], fmt: PromptFormat,
                      cfg: EvalConfig) -> tuple[list[str], int]:
-    """Greedy completions of every context (batched, shortest first), stripped; and how many contexts were cut
-    from the left to leave room for the answer."""
+    """Greedy completions of every context (through the engine, cfg.batch_size sequences at once; else batched
+    shortest first), stripped; and how many contexts were cut from the left to leave room for the answer."""
+    from lmforge.infer.engine import engine_for
     from lmforge.infer.generate import GenerationConfig, generate
 
     block_size = model.config.block_size
@@ -133,6 +134,10 @@ def generate_answers(model: Any, tokenizer: Any, contexts: list[list[int]], fmt:
     contexts = [c[-keep:] if len(c) > keep else c for c in contexts]
     eos_id, stop = fmt.stop_rule()
     gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop=stop)
+    engine = engine_for(model, tokenizer, gen_cfg, max_seqs=cfg.batch_size)
+    if engine is not None:  # continuous batching: a short answer's row is refilled at once
+        completions = engine.generate(contexts, gen_cfg, eos_id=eos_id)
+        return [(c.text or "").strip() for c in completions], truncated
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
     answers = [""] * len(contexts)
     for start in range(0, len(order), cfg.batch_size):

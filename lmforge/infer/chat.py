@@ -40,7 +40,11 @@ class ChatSession:
         if tokenizer.chat_template is None:
             raise TokenizerMismatchError("this model's tokenizer has no chat template: use lmforge generate, or a "
                                          "model trained with lmforge sft")
+        from lmforge.infer.engine import engine_for
+
         self.model, self.tokenizer, self.cfg, self.system = model, tokenizer, cfg, system
+        # the engine's prefix cache keeps the conversation's blocks: a turn computes only what is new
+        self.engine = engine_for(model, tokenizer, cfg, max_seqs=1)
         self.messages: list[dict[str, str]] = []
         self.reset()
 
@@ -56,7 +60,10 @@ class ChatSession:
         except LmforgeError:
             self.messages.pop()
             raise
-        turn = stream_completion(self.model, self.tokenizer, ids, self.cfg, eos_id=self.tokenizer.chat_stop_ids)
+        if self.engine is not None:
+            turn = self.engine.stream(ids, self.cfg, eos_id=self.tokenizer.chat_stop_ids)
+        else:
+            turn = stream_completion(self.model, self.tokenizer, ids, self.cfg, eos_id=self.tokenizer.chat_stop_ids)
         while True:
             try:
                 out.write(next(turn))

@@ -313,17 +313,20 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
         raise ConfigError("generate needs a model dir: lmforge generate MODEL_DIR --prompt TEXT")
     if not cfg.prompt:
         raise ConfigError("generate needs at least one prompt: --prompt TEXT")
+    from lmforge.infer.engine import engine_for
+
     model, tokenizer = load_with_tokenizer(cfg.model, cfg.device)
     rows = len(cfg.prompt)
+    engine = engine_for(model, tokenizer, cfg)
     if not cfg.stream:
-        completions = generate(model, cfg.prompt, cfg, tokenizer)
+        completions = engine.generate(cfg.prompt, cfg) if engine else generate(model, cfg.prompt, cfg, tokenizer)
         for row, (prompt, completion) in enumerate(zip(cfg.prompt, completions)):
             _print(_header(row, rows) + prompt + (completion.text or "") + "\n" + _ending(completion, cfg, tokenizer))
         return [completion.text or "" for completion in completions]
     texts = []
     for row, prompt in enumerate(cfg.prompt):
         _print(_header(row, rows) + prompt, end="")
-        deltas = stream_completion(model, tokenizer, prompt, cfg)
+        deltas = engine.stream(prompt, cfg) if engine else stream_completion(model, tokenizer, prompt, cfg)
         while True:
             try:
                 _print(next(deltas), end="")

@@ -1,0 +1,321 @@
+"""The inference engine: requests added at any time, stepped together over a paged KV cache.
+
+    engine = Engine(model, tokenizer)
+    completions = engine.generate(["a dog is", "the sea"], GenerationConfig(max_new_tokens=40))
+
+    rid = engine.add_request("a dog is", GenerationConfig(temperature=0.8, seed=1), n=4)
+    while engine.has_unfinished():
+        for out in engine.step():          # RequestOutputs: new tokens and printable text per sample
+            print(out.request_id, out.index, out.text, out.finish_reason)
+
+Three parts with small interfaces, as vLLM splits them: the BlockPool (block allocation and the prefix cache,
+lmforge.infer.block_pool), the Scheduler (continuous batching, chunked prefill, preemption by recomputation,
+lmforge.infer.scheduler) and the PagedRunner (the model over the paged cache, lmforge.infer.paged). This module ties
+them to requests: sampling parameters, stop conditions, streaming text, `n` samples and abort.
+
+`n > 1` samples of a prompt: the prompt is prefilled once; when it is done, the other samples fork from it: they
+share its full blocks (read-only, counted) and get a copy of its last, partly filled block, then draw their own
+first token from the same logits (seeded with seed + i when a seed is given). Greedy outputs equal `generate`'s for
+the same prompt alone, whatever else is in the batch (tested), up to float rounding in near-ties.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Generator, Optional, Sequence as Seq
+
+import torch
+from torch import nn
+
+from lmforge.errors import ConfigError, LmforgeError, PromptTooLongError
+from lmforge.infer.block_pool import BlockPool, OutOfBlocks
+from lmforge.infer.config import GenerationConfig
+from lmforge.infer.generate import Completion, _completion, _push_row, _TextStream, stop_ids
+from lmforge.infer.paged import ChunkInput, PagedRunner, runnable_model
+from lmforge.infer.sampling import sample_next
+from lmforge.infer.scheduler import RUNNING, Scheduler, Sequence
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one sample of a request."""
+
+    request_id: str
+    index: int  # which of the request's n samples
+    token_ids: list[int]  # tokens generated this step
+    text: str  # text that became printable this step ('' without a tokenizer)
+    finished: bool = False
+    finish_reason: Optional[str] = None  # eos | stop | length | abort
+
+
+@dataclass(eq=False)
+class _Sample:
+    """Per-sample decoding state beside its Sequence."""
+
+    seq: Sequence
+    generator: Optional[torch.Generator]
+    stream: Optional[_TextStream]
+    present: Optional[torch.Tensor] = None  # (1, V) tokens seen, for the repetition penalty
+    finish_reason: Optional[str] = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.seq.tokens[self.seq.prompt_len:]
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: list[int]
+    cfg: GenerationConfig
+    eos_ids: tuple[int, ...]
+    max_new: int
+    n: int
+    samples: list[_Sample] = field(default_factory=list)
+    forked: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return len(self.samples) == self.n and all(s.finish_reason for s in self.samples)
+
+
+class Engine:
+    """See the module docstring.
+
+    block_size: tokens per KV block. num_blocks: blocks in the cache; by default enough for max_seqs sequences of
+    half the model's context each (longer ones are served by preempting). max_batch_tokens: tokens fed per step
+    (decodes + prompt chunks). max_seqs: sequences running at once. prefix_caching: share the blocks of common
+    prompt prefixes across requests (samples of one request always share their prompt).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                 num_blocks: Optional[int] = None, max_batch_tokens: int = 512, max_seqs: int = 64,
+                 prefix_caching: bool = True) -> None:
+        for name, value in (("block_size", block_size), ("max_batch_tokens", max_batch_tokens),
+                            ("max_seqs", max_seqs), ("num_blocks", num_blocks or 1)):
+            if int(value) < 1:
+                raise ConfigError(f"engine {name}={value!r}: expected an integer >= 1")
+        self.model, self.tokenizer = model, tokenizer
+        self.context = model.config.block_size
+        if num_blocks is None:
+            num_blocks = max(-(-self.context // block_size), max_seqs * -(-self.context // (2 * block_size)))
+        self.pool = BlockPool(num_blocks, block_size)
+        self.scheduler = Scheduler(self.pool, max_batch_tokens, max_seqs)
+        self.runner = PagedRunner(runnable_model(model), num_blocks, block_size)
+        self.vocab_size = model.config.vocab_size
+        self.prefix_caching = prefix_caching
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.steps = self.tokens_fed = 0
+
+    # ---- requests -------------------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | Seq[int], cfg: Optional[GenerationConfig] = None, *, n: int = 1,
+                    request_id: Optional[str] = None, eos_id: int | Seq[int] | None = None) -> str:
+        """Queue a prompt (text with a tokenizer, or token ids) for `n` samples; return its request id."""
+        cfg = cfg or GenerationConfig()
+        if cfg.stop and self.tokenizer is None:
+            raise TypeError("engine: stop strings need a tokenizer")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise TypeError("engine: text prompts need a tokenizer (or pass token ids)")
+            prompt = self.tokenizer.encode(prompt)
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise LmforgeError("engine: the prompt is empty; it needs at least one token")
+        if len(prompt) >= self.context:
+            raise PromptTooLongError(f"prompt has {len(prompt)} tokens but the model's context (block_size) is "
+                                     f"{self.context}; use at most {self.context - 1} prompt tokens")
+        if n < 1:
+            raise ConfigError(f"engine n={n}: expected at least 1 sample")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise LmforgeError(f"engine: request id {request_id!r} is already in use")
+        max_new = min(cfg.max_new_tokens, self.context - len(prompt))
+        if -(-(len(prompt) + max_new) // self.pool.block_size) > self.pool.num_blocks:
+            raise ConfigError(f"engine: a sequence of {len(prompt) + max_new} tokens needs more than the cache's "
+                              f"{self.pool.num_blocks} blocks of {self.pool.block_size}: raise num_blocks")
+        request = Request(request_id, prompt, cfg, stop_ids(eos_id, self.tokenizer, cfg), max_new, n)
+        self.requests[request_id] = request
+        self._new_sample(request, list(prompt), queue=True)
+        return request_id
+
+    def _new_sample(self, request: Request, tokens: list[int], queue: bool) -> _Sample:
+        index = len(request.samples)
+        salt = "" if self.prefix_caching else request.request_id
+        seq = Sequence(next(self._ids), tokens, len(request.prompt), salt=salt, owner=request)
+        cfg = request.cfg
+        generator = None
+        if cfg.seed is not None:
+            generator = torch.Generator(self.runner.device).manual_seed(cfg.seed + index)
+        stream = _TextStream(self.tokenizer, cfg.stop) if self.tokenizer is not None else None
+        sample = _Sample(seq, generator, stream)
+        if cfg.repetition_penalty != 1.0:
+            sample.present = torch.zeros(1, self.vocab_size, dtype=torch.bool, device=self.runner.device)
+            sample.present[0, torch.tensor(request.prompt, device=self.runner.device)] = True
+        request.samples.append(sample)
+        seq.sample = sample
+        if queue:
+            self.scheduler.add(seq)
+        return sample
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Stop a request now: its sequences leave the batch and free their blocks. Unknown ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return []
+        outputs = []
+        for sample in request.samples:
+            if sample.finish_reason is None:
+                self.scheduler.finish(sample.seq)
+                sample.finish_reason = "abort"
+                outputs.append(RequestOutput(request_id, request.samples.index(sample), [], "", True, "abort"))
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping -------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one step of every scheduled sequence; return what each sample that produced a token got."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        sampled = [i for i, c in enumerate(chunks) if c.sample]
+        logits = self.runner.run([ChunkInput(c.seq.tokens[c.start:c.start + c.length], c.start, c.seq.block_table)
+                                  for c in chunks], sampled)  # (len(sampled), V)
+        self.steps += 1
+        self.tokens_fed += sum(c.length for c in chunks)
+        for chunk in chunks:
+            self.scheduler.computed(chunk)
+        outputs = []
+        seqs = [chunks[i].seq for i in sampled]
+        for row, token in enumerate(self._sample(seqs, logits)):
+            outputs.append(self._append(seqs[row].sample, token))
+            request = seqs[row].owner
+            if not request.forked and request.n > 1:
+                outputs += self._fork(request, logits[row:row + 1])
+        return outputs
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """The next token of each sequence: greedy rows together, sampled rows with their own generator."""
+        tokens = logits.argmax(dim=-1).tolist()
+        for row, seq in enumerate(seqs):
+            sample, cfg = seq.sample, seq.owner.cfg
+            if cfg.temperature != 0 or sample.present is not None:
+                tokens[row] = int(sample_next(logits[row:row + 1], cfg, sample.generator, sample.present)[0])
+        return tokens
+
+    def _append(self, sample: _Sample, token: int) -> RequestOutput:
+        """Add a sampled token to its sequence, decide whether the sample is done, and say what it produced."""
+        seq, request = sample.seq, sample.seq.owner
+        seq.tokens.append(token)
+        if sample.present is not None:
+            sample.present[0, token] = True
+        text, ended = "", False
+        if sample.stream is not None:
+            text, ended = _push_row(sample.stream, token, request.eos_ids)
+        elif token in request.eos_ids:
+            ended = True
+        index = request.samples.index(sample)
+        if ended or seq.num_generated >= request.max_new:
+            if sample.stream is not None:
+                text += sample.stream.finish() if not sample.stream.stopped else ""
+            stopped = sample.stream is not None and sample.stream.stopped
+            sample.finish_reason = "stop" if stopped else "eos" if ended else "length"
+            self.scheduler.finish(seq)
+        return RequestOutput(request.request_id, index, [token], text, sample.finish_reason is not None,
+                             sample.finish_reason)
+
+    def _fork(self, request: Request, logits: torch.Tensor) -> list[RequestOutput]:
+        """The other n - 1 samples of a request whose prompt was just prefilled: each shares the prompt's full
+        blocks, copies its partly filled last block, and draws its first token from the same logits. Without a
+        free block for the copy, a sample queues instead (and finds the full blocks in the prefix cache)."""
+        request.forked = True
+        leader = request.samples[0].seq
+        full = len(request.prompt) // self.pool.block_size
+        outputs = []
+        for _ in range(request.n - 1):
+            sample = self._new_sample(request, list(request.prompt), queue=False)
+            seq = sample.seq
+            tail = len(request.prompt) % self.pool.block_size
+            try:
+                fresh = self.pool.allocate(1) if tail else []
+            except OutOfBlocks:
+                self.scheduler.add(seq)
+                continue
+            self.pool.share(leader.block_table[:full])
+            if fresh:
+                self.runner.copy_blocks([(leader.block_table[full], fresh[0])])
+            seq.block_table = leader.block_table[:full] + fresh
+            seq.num_computed, seq.num_cached_hashes = len(request.prompt), full
+            seq.status = RUNNING
+            self.scheduler.running.append(seq)
+            outputs.append(self._append(sample, self._sample([seq], logits)[0]))
+        return outputs
+
+    # ---- convenience ----------------------------------------------------------------------------------------
+
+    def run_until_done(self, request_ids: Seq[str]) -> None:
+        while any(not self.requests[r].finished for r in request_ids if r in self.requests):
+            self.step()
+
+    def completions(self, request_id: str) -> list[Completion]:
+        """A request's samples as Completions (as generate makes them); removes a finished request."""
+        request = self.requests[request_id]
+        out = [_completion(s.generated, request.eos_ids, s.stream, self.tokenizer) for s in request.samples]
+        if request.finished:
+            del self.requests[request_id]
+        return out
+
+    def generate(self, prompts: str | Seq[str] | Seq[Seq[int]], cfg: Optional[GenerationConfig] = None, *,
+                 eos_id: int | Seq[int] | None = None) -> list[Completion]:
+        """Every prompt through the engine at once; one Completion per prompt, in order (like generate())."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = [self.add_request(p, cfg, eos_id=eos_id) for p in prompts]
+        self.run_until_done(ids)
+        return [self.completions(r)[0] for r in ids]
+
+    def stream(self, prompt: str | Seq[int], cfg: Optional[GenerationConfig] = None, *,
+               eos_id: int | Seq[int] | None = None) -> Generator[str, None, Completion]:
+        """Text deltas of one prompt as they become printable, stepping the engine (and whatever else it runs);
+        returns the Completion. Closing the generator early aborts the request."""
+        request_id = self.add_request(prompt, cfg, eos_id=eos_id)
+        try:
+            while not self.requests[request_id].finished:
+                for out in self.step():
+                    if out.request_id == request_id and out.text:
+                        yield out.text
+        finally:
+            if request_id in self.requests and not self.requests[request_id].finished:
+                self.abort(request_id)
+        return self.completions(request_id)[0]
+
+    def stats(self) -> dict[str, Any]:
+        """KV memory allocated and used (now and at peak), prefix-cache hit rate, preemptions, steps."""
+        per_block = self.runner.bytes_per_block
+        return {"kv_blocks": self.pool.num_blocks, "block_size": self.pool.block_size,
+                "kv_bytes_allocated": self.pool.num_blocks * per_block,
+                "kv_blocks_used": self.pool.num_used, "kv_blocks_peak": self.pool.peak_used,
+                "kv_bytes_peak": self.pool.peak_used * per_block, "prefix_cache_hit_rate": self.pool.hit_rate(),
+                "preemptions": self.scheduler.preemptions, "steps": self.steps, "tokens_fed": self.tokens_fed}
+
+
+def engine_for(model: nn.Module, tokenizer: Any = None, cfg: Optional[GenerationConfig] = None,
+               **options: Any) -> Optional[Engine]:
+    """An Engine for `model`, or None where plain `generate` must serve instead: the compiled decode step
+    (cfg.compile), or a model the paged runner does not run (prefix or prompt tuning, a non-Transformer)."""
+    if cfg is not None and cfg.compile:
+        return None
+    try:
+        runnable_model(model)
+    except ConfigError:
+        return None
+    return Engine(model, tokenizer, **options)
+
