@@ -1,4 +1,4 @@
-"""`lmforge convert` and `lmforge info`: model dirs in and out of the Hugging Face format."""
+"""`lmforge convert` and `lmforge info`: model dirs in and out of the Hugging Face format, and out to GGUF."""
 
 from __future__ import annotations
 
@@ -111,9 +111,10 @@ def copy_training_record(src: Path, dst: Path) -> None:
 @dataclass
 class ConvertConfig:
     src: str = ""  # an lmforge model dir or a Hugging Face model dir
-    dst: str = ""  # the output dir (written atomically)
-    to: Literal["auto", "hf", "lmforge"] = "auto"  # auto: the other format than src's
+    dst: str = ""  # the output dir, or the output .gguf file (written atomically)
+    to: Literal["auto", "hf", "lmforge", "gguf"] = "auto"  # auto: gguf for DST *.gguf, else the other format
     family: Optional[str] = None  # HF family on export: gpt2 | llama | qwen2 | mistral (default: inferred)
+    gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] = "f32"  # --to gguf: type of the weight matrices (norms f32)
 
 
 def convert(cfg: ConvertConfig) -> Path:
@@ -123,11 +124,17 @@ def convert(cfg: ConvertConfig) -> Path:
     from lmforge.tokenizer import copy_tokenizer_files
 
     if not cfg.src or not cfg.dst:
-        raise LmforgeError("convert needs a source and a destination: lmforge convert SRC DST [--to hf|lmforge]")
+        raise LmforgeError("convert needs a source and a destination: lmforge convert SRC DST [--to hf|lmforge|gguf]")
     src, dst = Path(cfg.src), Path(cfg.dst)
     if src.resolve() == dst.resolve():
         raise LmforgeError(f"convert: destination {dst} is the source; choose another dir")
     to = cfg.to if cfg.to != "auto" else ("hf" if is_lmforge_dir(src) else "lmforge")
+    if cfg.to == "auto" and dst.suffix == ".gguf":
+        to = "gguf"
+    if to == "gguf":
+        return _convert_to_gguf(src, dst, cfg.gguf_type)
+    if cfg.gguf_type != "f32":
+        raise LmforgeError(f"convert: --gguf_type {cfg.gguf_type} applies to --to gguf only (this is --to {to})")
     check_replaceable_dir(dst, "config.json", "model dir", inputs=(str(src),))
     model = load(src)
     tokenizer = _source_tokenizer(src)
@@ -152,6 +159,15 @@ def convert(cfg: ConvertConfig) -> Path:
             if tokenizer is not None and not (src / "lmforge_tokenizer.json").is_file():
                 tokenizer.save(tmp)  # lmforge_tokenizer.json records the special tokens resolved from the HF files
     print(f"converted {src} -> {dst} ({to} format, {model.num_parameters():,} parameters)")
+    return dst
+
+
+def _convert_to_gguf(src: Path, dst: Path, gguf_type: str) -> Path:
+    """`lmforge convert MODEL_DIR out.gguf --to gguf`: lmforge.model.gguf.export_gguf, one file for llama.cpp."""
+    from lmforge.model.gguf import export_gguf
+
+    export_gguf(src, dst, gguf_type)
+    print(f"converted {src} -> {dst} (GGUF, {gguf_type} weights, {dst.stat().st_size / 2**20:.1f} MiB)")
     return dst
 
 
