@@ -73,6 +73,19 @@ class GenerateConfig(GenerationConfig):
     prompt: list[str] = field(default_factory=list)  # one or more prompts, generated as one batch
     stream: bool = False  # print text as it is generated (several prompts: one after another)
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps
+    quantize: Optional[str] = None  # int8 (per output channel) | int4 (group-wise): weight-only quantized matmuls
+    quant_group_size: int = 32  # int4: input columns per scale (32 or 64)
+    draft: Optional[str] = None  # speculative decoding: a draft model dir with the same tokenizer
+    prompt_lookup: int = 0  # speculative decoding without a draft: n-gram lookup in the text so far, n <= this
+    num_draft_tokens: int = 4  # speculative decoding: tokens proposed per round (k)
+    medusa: Optional[str] = None  # a Medusa heads dir trained for this model (lmforge medusa train): tree decoding
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.quantize not in (None, "int8", "int4"):
+            raise ConfigError(f"generate quantize={self.quantize!r}: expected int8 or int4")
+        if sum([self.draft is not None, self.prompt_lookup > 0, self.medusa is not None]) > 1:
+            raise ConfigError("generate: choose one of --draft, --prompt_lookup and --medusa")
 
 
 @dataclass

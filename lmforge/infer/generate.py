@@ -316,13 +316,17 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     from lmforge.infer.engine import engine_for
 
     model, tokenizer = load_with_tokenizer(cfg.model, cfg.device)
+    if cfg.quantize:
+        from lmforge.infer.quant import quantize_model
+
+        quantize_model(model, cfg.quantize, cfg.quant_group_size)
     rows = len(cfg.prompt)
+    if cfg.draft or cfg.prompt_lookup or cfg.medusa:
+        return _print_rows(cfg, tokenizer, _accelerated(model, tokenizer, cfg))
     engine = engine_for(model, tokenizer, cfg)
     if not cfg.stream:
         completions = engine.generate(cfg.prompt, cfg) if engine else generate(model, cfg.prompt, cfg, tokenizer)
-        for row, (prompt, completion) in enumerate(zip(cfg.prompt, completions)):
-            _print(_header(row, rows) + prompt + (completion.text or "") + "\n" + _ending(completion, cfg, tokenizer))
-        return [completion.text or "" for completion in completions]
+        return _print_rows(cfg, tokenizer, completions)
     texts = []
     for row, prompt in enumerate(cfg.prompt):
         _print(_header(row, rows) + prompt, end="")
@@ -336,6 +340,36 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
         _print("\n" + _ending(completion, cfg, tokenizer))
         texts.append(completion.text or "")
     return texts
+
+
+def _accelerated(model: Any, tokenizer: Any, cfg: GenerateConfig) -> list[Completion]:
+    """Speculative decoding (--draft or --prompt_lookup) or Medusa tree decoding (--medusa) of cfg.prompt: the
+    same greedy tokens as plain decoding, fewer passes of the model. Prints what was accepted per pass."""
+    if cfg.medusa:
+        from lmforge.infer.medusa import medusa_generate
+        from lmforge.model.medusa import load_medusa_heads
+
+        heads = load_medusa_heads(cfg.medusa, model, cfg.model)
+        completions, stats = medusa_generate(model, heads, cfg.prompt, cfg, tokenizer)
+        print(f"[medusa: {stats.tokens} tokens in {stats.steps} passes, {stats.tokens / max(1, stats.steps):.2f} "
+              f"per pass]", file=sys.stderr)
+        return completions
+    from lmforge.infer.speculative import load_draft, speculative_generate
+
+    draft = load_draft(cfg.draft, model, tokenizer, target_dir=cfg.model,
+                       device=str(next(model.parameters()).device)) if cfg.draft else None
+    completions, stats = speculative_generate(model, cfg.prompt, cfg, tokenizer, draft=draft,
+                                              num_draft_tokens=cfg.num_draft_tokens, prompt_lookup=cfg.prompt_lookup)
+    print(f"[speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted ({stats.acceptance_rate:.0%}), "
+          f"{stats.tokens_per_target_pass:.2f} tokens per pass of the model]", file=sys.stderr)
+    return completions
+
+
+def _print_rows(cfg: GenerateConfig, tokenizer: Any, completions: list[Completion]) -> list[str]:
+    for row, (prompt, completion) in enumerate(zip(cfg.prompt, completions)):
+        _print(_header(row, len(cfg.prompt)) + prompt + (completion.text or "") + "\n"
+               + _ending(completion, cfg, tokenizer))
+    return [completion.text or "" for completion in completions]
 
 
 def _print(text: str, end: str = "\n") -> None:

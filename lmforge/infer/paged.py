@@ -9,8 +9,9 @@ chunks (a few tokens of one sequence each: a prompt chunk, or the one new token 
 into one row of N tokens: the embeddings, q/k/v projections, MLPs and norms run once over all N tokens, so the
 matmuls see every sequence of the step together. Only attention is per sequence:
 
-- decoding sequences (one query each) are attended together: their blocks are gathered into a (B, n_kv_head, S,
-  head_dim) batch padded to the longest context, keys past a sequence's length masked;
+- decoding sequences (one query each) are attended together, in groups of similar context lengths: a group's
+  blocks are gathered into a (B, n_kv_head, S, head_dim) batch padded to its longest context, keys past a
+  sequence's length masked;
 - a prompt chunk attends, causally, to its sequence's gathered blocks (the cached prefix and itself).
 
 The new keys/values are written to their slots before attention reads them. The function is the same as
@@ -115,10 +116,10 @@ class PagedRunner:
         k_pool.index_copy_(0, slots, k.to(self.dtype))
         v_pool.index_copy_(0, slots, v.to(self.dtype))
         out = torch.empty(N, self.n_head, self.head_dim, device=x.device, dtype=q.dtype)
-        if plan.decode_rows is not None:  # one query per sequence, attended together
-            keys, values = self._gather(layer, plan.decode_tables)  # (B, n_kv, S, hd)
-            query = q.index_select(0, plan.decode_rows).unsqueeze(2)  # (B, n_head, 1, hd)
-            out[plan.decode_rows] = self._sdpa(query, keys, values, plan.decode_mask).squeeze(2)
+        for rows, tables, mask in plan.decodes:  # one query per sequence, attended together
+            keys, values = self._gather(layer, tables)  # (B, n_kv, S, hd)
+            query = q.index_select(0, rows).unsqueeze(2)  # (B, n_head, 1, hd)
+            out[rows] = self._sdpa(query, keys, values, mask).squeeze(2)
         for rows, table, mask in plan.prefills:  # a prompt chunk: causal over its cached prefix and itself
             keys, values = self._gather(layer, table)  # (1, n_kv, S, hd)
             query = q[rows].transpose(0, 1).unsqueeze(0)  # (1, n_head, T, hd)
@@ -159,17 +160,16 @@ class _AttentionPlan:
     def __init__(self, chunks: Sequence[ChunkInput], lengths: list[int], block_size: int,
                  device: torch.device) -> None:
         offsets = [sum(lengths[:i]) for i in range(len(chunks))]
-        decode = [i for i, c in enumerate(chunks) if lengths[i] == 1]
-        self.decode_rows = self.decode_tables = self.decode_mask = None
-        if decode:
-            contexts = [chunks[i].start + 1 for i in decode]
-            n_blocks = -(-max(contexts) // block_size)
-            tables = [list(chunks[i].block_table[:n_blocks]) for i in decode]
-            self.decode_tables = torch.tensor([t + [0] * (n_blocks - len(t)) for t in tables], dtype=torch.long,
-                                              device=device)  # (B, n_blocks), padded with block 0 (masked)
-            columns = torch.arange(n_blocks * block_size, device=device)
-            self.decode_mask = (columns[None, :] < torch.tensor(contexts, device=device)[:, None])[:, None, None, :]
-            self.decode_rows = torch.tensor([offsets[i] for i in decode], dtype=torch.long, device=device)
+        # decoding sequences, shortest context first, in groups whose longest context is at most twice their
+        # shortest: each group is padded to its own longest, not to the longest of the step
+        decode = sorted((i for i, c in enumerate(chunks) if lengths[i] == 1), key=lambda i: chunks[i].start)
+        groups: list[list[int]] = []
+        for i in decode:
+            if groups and chunks[i].start + 1 <= 2 * (chunks[groups[-1][0]].start + 1) + block_size:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        self.decodes = [self._decode_group(group, chunks, offsets, block_size, device) for group in groups]
         self.prefills = []
         for i, chunk in enumerate(chunks):
             if lengths[i] == 1:
@@ -181,3 +181,17 @@ class _AttentionPlan:
             key_pos = torch.arange(n_blocks * block_size, device=device)[None, :]  # (1, S)
             rows = torch.arange(offsets[i], offsets[i] + lengths[i], device=device)
             self.prefills.append((rows, table, key_pos <= query_pos))
+
+    @staticmethod
+    def _decode_group(group: list[int], chunks: Sequence[ChunkInput], offsets: list[int], block_size: int,
+                      device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows (B,), block tables (B, n_blocks) padded with block 0, key mask (B, 1, 1, n_blocks * block_size))."""
+        contexts = [chunks[i].start + 1 for i in group]
+        n_blocks = -(-max(contexts) // block_size)
+        tables = [list(chunks[i].block_table[:n_blocks]) for i in group]
+        tables = torch.tensor([t + [0] * (n_blocks - len(t)) for t in tables], dtype=torch.long, device=device)
+        columns = torch.arange(n_blocks * block_size, device=device)
+        mask = (columns[None, :] < torch.tensor(contexts, device=device)[:, None])[:, None, None, :]
+        rows = torch.tensor([offsets[i] for i in group], dtype=torch.long, device=device)
+        return rows, tables, mask
+
