@@ -227,3 +227,36 @@ def test_bad_requests_are_one_line_errors(model):
     engine.add_request([1], GenerationConfig(max_new_tokens=4), request_id="a")
     with pytest.raises(LmforgeError, match="already in use"):
         engine.add_request([2], GenerationConfig(max_new_tokens=4), request_id="a")
+
+
+# ---- lmforge generate: the engine and the options that decode with fewer passes --------------------------------
+
+def _rows(out: str) -> list[str]:
+    return [line for line in out.splitlines() if not line.startswith("[") and not line.startswith("===")]
+
+
+def test_cli_generate_with_prompt_lookup_or_a_draft_prints_what_plain_decoding_prints(model_dir, tmp_path, capsys):
+    import shutil
+
+    from lmforge.cli import main
+
+    args = ["generate", str(model_dir), "--prompt", "the cat sat", "--prompt", "a dog", "--max_new_tokens", "12",
+            "--temperature", "0"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--prompt_lookup", "3"]) == 0
+    captured = capsys.readouterr()
+    assert _rows(captured.out) == _rows(plain) and "speculative" in captured.err
+    assert main(args + ["--draft", str(model_dir), "--num_draft_tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert _rows(captured.out) == _rows(plain) and "(100%)" in captured.err  # the target as its own draft
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    from lmforge.tokenizer import Tokenizer
+
+    Tokenizer.train(["some other text entirely"] * 20, vocab_size=300).save(other)
+    assert main(args + ["--draft", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tokenizer" in err and str(other) in err
+    assert main(args + ["--draft", str(other), "--prompt_lookup", "2"]) == 2
+    assert "choose one of" in capsys.readouterr().err

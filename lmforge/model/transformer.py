@@ -238,12 +238,14 @@ class Transformer(nn.Module):
 
         input_ids (B, T). position_ids (B, T), default past + arange(T) where past = kv_cache.length (0 without a
         cache); explicit position ids are not range-checked. attention_mask (B, past + T), True = real token,
-        covers cached and new keys. With a cache, new keys/values are written at [past, past + T) and
-        kv_cache.length advances by T. targets (B, T), -100 where no loss is taken: the loss is computed with the
-        LM head fused into the cross-entropy (lmforge.model.fused_loss), so the (B, T, V) logits are never
-        materialized; it goes through forward so that DDP, FSDP and torch.compile wrappers see it. document_ids
-        (B, T) packs several sequences in a row: a token attends only to earlier tokens of the same document id
-        (give position_ids restarting at 0 per document), so each document is computed as if it were alone.
+        covers cached and new keys; or a boolean (B, 1, T, past + T), True = query t may attend key s, used as
+        given instead of the causal rule (tree attention). With a cache, new keys/values are written at
+        [past, past + T) and kv_cache.length advances by T. targets (B, T), -100 where no loss is taken: the loss
+        is computed with the LM head fused into the cross-entropy (lmforge.model.fused_loss), so the (B, T, V)
+        logits are never materialized; it goes through forward so that DDP, FSDP and torch.compile wrappers see
+        it. document_ids (B, T) packs several sequences in a row: a token attends only to earlier tokens of the
+        same document id (give position_ids restarting at 0 per document), so each document is computed as if it
+        were alone.
         """
         hidden = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, document_ids)
         if targets is not None and per_token:
@@ -303,8 +305,15 @@ class Transformer(nn.Module):
                         device: torch.device) -> tuple[Optional[Tensor], bool]:
         """(mask, is_causal) for SDPA. mask is boolean (B, 1, T, past + T) or (T, past + T), True = may attend.
 
-        The fast paths pass no mask: is_causal when queries and keys align, nothing for one new token.
+        The fast paths pass no mask: is_causal when queries and keys align, nothing for one new token. A 4-D
+        attention_mask (B, 1, T, past + T) is an explicit mask, used as given (no causal rule added): tree
+        attention, where a node sees the cached prefix and its own ancestors only (lmforge.infer.medusa).
         """
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if attention_mask.shape[-2:] != (T, past + T):
+                raise ValueError(f"a 4-D attention_mask must be (B, 1, {T}, {past + T}) (new x cached + new "
+                                 f"positions), got shape {tuple(attention_mask.shape)}")
+            return attention_mask.bool(), False
         if attention_mask is None and past == 0:
             return None, True
         if attention_mask is None and T == 1:

@@ -267,3 +267,38 @@ class RLAIFConfig:
     seed: int = 0  # seeds the sampling
     out: str = "rlaif-preferences.jsonl"  # the preference JSONL written ({prompt, chosen, rejected} or ranked
                                           # {prompt, responses}), which reward and dpo read
+
+
+def _medusa_train() -> TrainConfig:
+    return TrainConfig(batch_size=16, max_steps=500, lr=1e-3, min_lr=1e-4, weight_decay=0.0, eval_interval=100,
+                       eval_batches=8, checkpoint_interval=250, log_interval=10)
+
+
+@dataclass
+class MedusaDataSection:
+    dataset: str = ""  # a dataset dir (lmforge data prepare) made with the base model's tokenizer: its token
+                       # windows are the training rows, or with self_distill the source of the prompts
+    seq_len: Optional[int] = None  # tokens per row; None -> the model's block_size
+    self_distill: bool = False  # train on the base model's own continuations of prompts (what decoding sees)
+                                # instead of the dataset's text
+    prompts: Literal["dataset", "builtin"] = "dataset"  # self_distill: prompts are the first prompt_len tokens of
+                                                        # dataset windows, or the built-in instruction prompts
+                                                        # (rendered with the chat template)
+    prompt_len: int = 32  # self_distill with dataset prompts: tokens per prompt
+    new_tokens: int = 64  # self_distill: tokens generated per prompt at most
+    temperature: float = 0.0  # self_distill: sampling temperature of the continuations (0 = greedy)
+    builtin_tasks: list[str] = field(default_factory=list)  # builtin prompts: the tasks taken (empty: all)
+    per_task_limit: int = 0  # builtin prompts: at most this many per task (0 = all)
+    cache_dir: Optional[str] = None  # built-in task cache; None = $LMFORGE_CACHE or ~/.cache/lmforge
+
+
+@dataclass
+class MedusaConfig:
+    model: str = ""  # the base model dir (lmforge or Hugging Face), with its tokenizer; it stays frozen
+    num_heads: int = 4  # K: head k predicts the token k + 1 places ahead
+    num_layers: int = 1  # residual blocks per head
+    decay: float = 0.8  # lambda: head k's loss weighs lambda^(k-1)
+    data: MedusaDataSection = field(default_factory=MedusaDataSection)
+    train: TrainConfig = field(default_factory=_medusa_train)
+    out_dir: str = "runs/medusa"  # the run dir; the heads dir is written to OUT_DIR/final
+    resume: bool = False  # continue from the newest checkpoint in out_dir (same config: --config OUT_DIR/config.json)
