@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 from lmforge.errors import ConfigError
 
@@ -30,6 +30,9 @@ class EvalConfig:
     stride: int = 0  # perplexity window stride in tokens (0 = half the block size)
     max_text_tokens: int = 0  # perplexity on at most this many tokens (0 = all)
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps
+    quantize: Optional[str] = None  # int8 | int4: evaluate with weight-only quantized matmuls (lmforge.infer.quant)
+    quant_group_size: int = 32  # int4: inputs per scale and zero (32, 64, 128 or 256)
+    quant_head: bool = True  # quantize the LM head too
     seed: int = 0  # seeds the choice of k-shot examples
     reference: str = ""  # preference sets: rank by the implicit reward log pi - log pi_ref against this model dir
     cache_dir: str = ""  # cache of packages and parsed tasks (default $LMFORGE_CACHE, else ~/.cache/lmforge)

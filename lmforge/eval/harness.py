@@ -250,8 +250,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         raise ConfigError(f"out {cfg.out} is a directory; give a .json file path")
     tasks = resolve_tasks(cfg)
     from lmforge.convert import load_with_tokenizer
+    from lmforge.infer.quant import quantize_as_configured
 
     model, tokenizer = load_with_tokenizer(cfg.model, cfg.device)
+    quantize_as_configured(model, cfg)
     chat = is_chat_model(cfg.model) if cfg.chat == "auto" else bool(cfg.chat)
     fmt = PromptFormat(tokenizer, chat)
     started = time.perf_counter()

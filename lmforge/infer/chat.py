@@ -84,7 +84,10 @@ def run_chat(cfg: ChatConfig, stdin: Optional[TextIO] = None, out: Optional[Text
         raise ConfigError("chat needs a model dir: lmforge chat MODEL_DIR")
     from lmforge.convert import load_with_tokenizer
 
+    from lmforge.infer.quant import quantize_as_configured
+
     model, tokenizer = load_with_tokenizer(cfg.model, cfg.device)
+    quantize_as_configured(model, cfg)
     session = ChatSession(model, tokenizer, cfg, cfg.system)
     if cfg.prompt is not None:
         session.reply(cfg.prompt, out)

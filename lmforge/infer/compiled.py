@@ -175,7 +175,9 @@ def _package_path(model: nn.Module, batch_size: int, cache_len: int) -> Path:
     facts = [torch.__version__, torch.backends.cpu.get_cpu_capability(), json.dumps(model.config.to_dict()),
              batch_size, cache_len]
     digest.update(json.dumps(facts, default=str).encode())
-    for module in (sys.modules[__name__], transformer):
+    from lmforge.infer import quant  # a change to the quantized layers' code changes the compiled step
+
+    for module in (sys.modules[__name__], transformer, quant):
         digest.update(Path(module.__file__).read_bytes())
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())

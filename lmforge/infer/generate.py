@@ -315,14 +315,18 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
         raise ConfigError("generate needs at least one prompt: --prompt TEXT")
     from lmforge.infer.engine import engine_for
 
-    model, tokenizer = load_with_tokenizer(cfg.model, cfg.device)
-    if cfg.quantize:
-        from lmforge.infer.quant import quantize_model
+    from lmforge.infer.quant import quantize_as_configured
 
-        quantize_model(model, cfg.quantize, cfg.quant_group_size)
+    model, tokenizer = load_with_tokenizer(cfg.model, cfg.device)
+    heads = None
+    if cfg.medusa:  # before quantizing: the heads check the weights they were trained for
+        from lmforge.model.medusa import load_medusa_heads
+
+        heads = load_medusa_heads(cfg.medusa, model, cfg.model)
+    quantize_as_configured(model, cfg)
     rows = len(cfg.prompt)
     if cfg.draft or cfg.prompt_lookup or cfg.medusa:
-        return _print_rows(cfg, tokenizer, _accelerated(model, tokenizer, cfg))
+        return _print_rows(cfg, tokenizer, _accelerated(model, tokenizer, cfg, heads))
     engine = engine_for(model, tokenizer, cfg)
     if not cfg.stream:
         completions = engine.generate(cfg.prompt, cfg) if engine else generate(model, cfg.prompt, cfg, tokenizer)
@@ -342,22 +346,25 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     return texts
 
 
-def _accelerated(model: Any, tokenizer: Any, cfg: GenerateConfig) -> list[Completion]:
-    """Speculative decoding (--draft or --prompt_lookup) or Medusa tree decoding (--medusa) of cfg.prompt: the
-    same greedy tokens as plain decoding, fewer passes of the model. Prints what was accepted per pass."""
-    if cfg.medusa:
+def _accelerated(model: Any, tokenizer: Any, cfg: GenerateConfig, heads: Any = None) -> list[Completion]:
+    """Speculative decoding (--draft or --prompt_lookup) or Medusa tree decoding (with `heads`, from --medusa) of
+    cfg.prompt: the same greedy tokens as plain decoding, fewer passes of the model. Prints what was accepted."""
+    if heads is not None:
         from lmforge.infer.medusa import medusa_generate
-        from lmforge.model.medusa import load_medusa_heads
 
-        heads = load_medusa_heads(cfg.medusa, model, cfg.model)
         completions, stats = medusa_generate(model, heads, cfg.prompt, cfg, tokenizer)
         print(f"[medusa: {stats.tokens} tokens in {stats.steps} passes, {stats.tokens / max(1, stats.steps):.2f} "
               f"per pass]", file=sys.stderr)
         return completions
     from lmforge.infer.speculative import load_draft, speculative_generate
 
-    draft = load_draft(cfg.draft, model, tokenizer, target_dir=cfg.model,
-                       device=str(next(model.parameters()).device)) if cfg.draft else None
+    draft = None
+    if cfg.draft:
+        from lmforge.infer.quant import quantize_as_configured
+
+        draft = load_draft(cfg.draft, model, tokenizer, target_dir=cfg.model,
+                           device=str(next(model.parameters()).device))
+        quantize_as_configured(draft, cfg)
     completions, stats = speculative_generate(model, cfg.prompt, cfg, tokenizer, draft=draft,
                                               num_draft_tokens=cfg.num_draft_tokens, prompt_lookup=cfg.prompt_lookup)
     print(f"[speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted ({stats.acceptance_rate:.0%}), "
