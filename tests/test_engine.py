@@ -260,3 +260,34 @@ def test_cli_generate_with_prompt_lookup_or_a_draft_prints_what_plain_decoding_p
     assert len(err.splitlines()) == 1 and "tokenizer" in err and str(other) in err
     assert main(args + ["--draft", str(other), "--prompt_lookup", "2"]) == 2
     assert "choose one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "prefix"])
+def test_peft_models_decode_like_generate(method):
+    """LoRA and bottleneck adapters run in the engine (their updates live in the base's modules); prefix tuning
+    falls back to generate (engine_for gives None)."""
+    import copy
+
+    from lmforge.infer.engine import engine_for
+    from lmforge.infer.speculative import speculative_generate
+    from lmforge.peft.config import PeftConfig
+    from lmforge.peft.model import PeftModel
+
+    torch.manual_seed(1)
+    base = Transformer(ModelConfig.preset("tiny-llama", vocab_size=97, block_size=64, d_model=64, init_std=0.2))
+    peft = PeftModel(copy.deepcopy(base), PeftConfig(method=method, targets=["q", "v", "up"], virtual_tokens=4))
+    with torch.no_grad():  # trained-looking updates, so the adapted model differs from its base
+        for name, param in peft.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.3)
+    peft.eval()
+    prompts = random_prompts(4, seed=5)
+    want = [alone(peft, p).token_ids for p in prompts]
+    assert want != [alone(base.eval(), p).token_ids for p in prompts]
+    engine = engine_for(peft)
+    if method == "prefix":
+        assert engine is None
+        return
+    assert [c.token_ids for c in engine.generate(prompts, GREEDY)] == want
+    completions, _ = speculative_generate(peft, prompts, GREEDY, prompt_lookup=2)
+    assert [c.token_ids for c in completions] == want

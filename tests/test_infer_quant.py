@@ -229,6 +229,8 @@ def test_generate_chat_and_eval_take_the_quantize_options(model_dir, tmp_path, c
     args = ["generate", str(model_dir), "--prompt", "the cat", "--max_new_tokens", "4", "--temperature", "0"]
     assert main(args + ["--quantize", "int8"]) == 0
     assert main(args + ["--quantize", "int4", "--quant_group_size", "32", "--quant_head", "false"]) == 0
+    assert main(args + ["--quantize", "int8", "--prompt_lookup", "2"]) == 0  # speculative on quantized weights
+    assert main(args + ["--quantize", "int4", "--draft", str(model_dir)]) == 0  # target and draft quantized
     capsys.readouterr()
     assert main(args + ["--quantize", "int3"]) == 2
     assert "int8 or int4" in capsys.readouterr().err

@@ -129,10 +129,9 @@ class PagedRunner:
     def _gather(self, layer: int, tables: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of the blocks in `tables` (B, n_blocks): (B, n_kv_head, n_blocks * block_size, hd)."""
         B, n = tables.shape
-        keys = self.k[layer].index_select(0, tables.reshape(-1)).view(B, n * self.block_size, self.n_kv_head,
-                                                                     self.head_dim)
-        values = self.v[layer].index_select(0, tables.reshape(-1)).view(B, n * self.block_size, self.n_kv_head,
-                                                                       self.head_dim)
+        view = (B, n * self.block_size, self.n_kv_head, self.head_dim)
+        keys = self.k[layer].index_select(0, tables.reshape(-1)).view(view)
+        values = self.v[layer].index_select(0, tables.reshape(-1)).view(view)
         return keys.transpose(1, 2), values.transpose(1, 2)
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -143,6 +142,7 @@ class PagedRunner:
             else:
                 k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
                 v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        mask = mask if mask is None or mask.dtype == q.dtype else mask.to(q.dtype)  # bf16 on a GPU
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, **gqa)
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
@@ -152,6 +152,12 @@ class PagedRunner:
             dst = torch.tensor([p[1] for p in pairs], device=self.device)
             self.k[:, dst] = self.k[:, src]
             self.v[:, dst] = self.v[:, src]
+
+
+def _additive(visible: Tensor) -> Tensor:
+    """A boolean mask as SDPA's additive one (0 where visible, -inf elsewhere), made once per step instead of by
+    SDPA in every layer."""
+    return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
 class _AttentionPlan:
@@ -180,7 +186,7 @@ class _AttentionPlan:
             query_pos = torch.arange(chunk.start, context, device=device)[:, None]  # (T, 1)
             key_pos = torch.arange(n_blocks * block_size, device=device)[None, :]  # (1, S)
             rows = torch.arange(offsets[i], offsets[i] + lengths[i], device=device)
-            self.prefills.append((rows, table, key_pos <= query_pos))
+            self.prefills.append((rows, table, _additive(key_pos <= query_pos)))
 
     @staticmethod
     def _decode_group(group: list[int], chunks: Sequence[ChunkInput], offsets: list[int], block_size: int,
@@ -191,7 +197,7 @@ class _AttentionPlan:
         tables = [list(chunks[i].block_table[:n_blocks]) for i in group]
         tables = torch.tensor([t + [0] * (n_blocks - len(t)) for t in tables], dtype=torch.long, device=device)
         columns = torch.arange(n_blocks * block_size, device=device)
-        mask = (columns[None, :] < torch.tensor(contexts, device=device)[:, None])[:, None, None, :]
+        visible = (columns[None, :] < torch.tensor(contexts, device=device)[:, None])[:, None, None, :]
         rows = torch.tensor([offsets[i] for i in group], dtype=torch.long, device=device)
-        return rows, tables, mask
+        return rows, tables, _additive(visible)
 
