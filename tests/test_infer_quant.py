@@ -241,3 +241,12 @@ def test_generate_chat_and_eval_take_the_quantize_options(model_dir, tmp_path, c
     report = tmp_path / "eval.json"
     assert main(["eval", str(model_dir), "--text", str(text), "--quantize", "int8", "--out", str(report)]) == 0
     assert report.is_file()
+
+
+def test_a_quantized_model_is_saved_with_save_quantized_only(tmp_path):
+    torch.manual_seed(0)
+    model = quantize_model(Transformer(ModelConfig.preset("tiny-llama", vocab_size=64, block_size=16,
+                                                          d_model=64)), "int8")
+    with pytest.raises(LmforgeError, match="save_quantized"):
+        model.save(tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()

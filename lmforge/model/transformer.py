@@ -389,6 +389,9 @@ class Transformer(nn.Module):
         """Write config.json and model.safetensors into `directory`, each atomically; tied weights saved once."""
         from lmforge.io import save_safetensors
 
+        if getattr(self, "quantization", None):  # set by lmforge.infer.quant.quantize_model
+            raise LmforgeError("this model's weights are quantized: a model dir holds full-precision weights; save "
+                               "it with lmforge.infer.quant.save_quantized(model, directory)")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
