@@ -166,7 +166,10 @@ def _convert_to_gguf(src: Path, dst: Path, gguf_type: str) -> Path:
     """`lmforge convert MODEL_DIR out.gguf --to gguf`: lmforge.model.gguf.export_gguf, one file for llama.cpp."""
     from lmforge.model.gguf import export_gguf
 
-    export_gguf(src, dst, gguf_type)
+    if is_lmforge_dir(src):
+        export_gguf(src, dst, gguf_type)
+    else:  # a Hugging Face dir (or an adapter dir, which export_gguf refuses), loaded here
+        export_gguf(load(src), dst, gguf_type, tokenizer=_source_tokenizer(src), name=src.resolve().name)
     print(f"converted {src} -> {dst} (GGUF, {gguf_type} weights, {dst.stat().st_size / 2**20:.1f} MiB)")
     return dst
 

@@ -50,7 +50,9 @@ def test_prefix_cache_shares_full_blocks_and_evicts_them_last():
     taken = pool.allocate(4)  # the uncached blocks and the partial one go first; the cached ones last
     assert blocks[0] not in taken and blocks[1] not in taken
     pool.allocate(2)  # now the cached blocks are reused: their hashes are dropped
-    assert pool.lookup(hashes) == [] and pool.hit_rate() == pytest.approx(3 / 5)
+    assert pool.lookup(hashes) == []
+    pool.count_lookup(5, 3)
+    assert pool.hit_rate() == pytest.approx(3 / 5)
 
 
 def test_scheduler_chunks_prefills_within_the_token_budget_and_serves_running_first():
@@ -291,3 +293,30 @@ def test_peft_models_decode_like_generate(method):
     assert [c.token_ids for c in engine.generate(prompts, GREEDY)] == want
     completions, _ = speculative_generate(peft, prompts, GREEDY, prompt_lookup=2)
     assert [c.token_ids for c in completions] == want
+
+
+def test_n_samples_when_the_first_token_ends_them_and_when_aborted_before_the_fork(model):
+    """The fork happens before the leader's token is appended: a leader that ends at once (max_new_tokens 1)
+    still lends its blocks; every block comes back. Aborting before the prompt is prefilled ends all n samples."""
+    for prompt in (list(range(1, 21)), list(range(1, 17))):  # a partial last block, and whole blocks only
+        engine = Engine(model, block_size=8, max_seqs=2)
+        rid = engine.add_request(prompt, GenerationConfig(max_new_tokens=1, temperature=1.0, seed=3), n=3)
+        engine.run_until_done([rid])
+        assert [len(c.token_ids) for c in engine.completions(rid)] == [1, 1, 1]
+        assert engine.pool.num_used == 0 and not engine.has_unfinished()
+    engine = Engine(model, block_size=8, max_batch_tokens=8)
+    rid = engine.add_request(list(range(1, 30)), GenerationConfig(max_new_tokens=4), n=3)
+    engine.step()  # a first chunk of the prompt only
+    assert sorted(o.index for o in engine.abort(rid)) == [0, 1, 2]
+    assert engine.pool.num_used == 0 and not engine.has_unfinished()
+
+
+def test_forked_samples_respect_max_seqs(model):
+    engine = Engine(model, block_size=8, max_seqs=2)
+    rid = engine.add_request(list(range(1, 12)), GenerationConfig(max_new_tokens=6, temperature=0.0), n=4)
+    while engine.has_unfinished():
+        engine.step()
+        assert len(engine.scheduler.running) <= 2
+    assert [c.token_ids for c in engine.completions(rid)] == [alone(model, list(range(1, 12)),
+                                                                    GenerationConfig(max_new_tokens=6,
+                                                                                     temperature=0.0)).token_ids] * 4

@@ -159,6 +159,12 @@ def test_cli_convert_to_gguf(model_dir, tmp_path, capsys):
     assert main(["convert", str(model_dir), str(tmp_path / "auto.gguf")]) == 0  # .gguf chooses the format
     assert read_back(tmp_path / "auto.gguf")[0]["general.file_type"] == gguf.LlamaFileType.ALL_F32
     assert main(["convert", str(model_dir), str(tmp_path / "hf"), "--gguf_type", "q4_0"]) == 2
+    # a Hugging Face dir is loaded by convert and exported with the same tensors as the lmforge dir it came from
+    assert main(["convert", str(model_dir), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "from-hf.gguf")]) == 0
+    ours, theirs = read_back(tmp_path / "auto.gguf")[1], read_back(tmp_path / "from-hf.gguf")[1]
+    assert sorted(ours) == sorted(theirs)
+    assert all(bytes(ours[k].data.tobytes()) == bytes(theirs[k].data.tobytes()) for k in ours)
 
 
 # ---- llama.cpp itself ----------------------------------------------------------------------------------------

@@ -28,11 +28,15 @@ class OutOfBlocks(Exception):
     """Raised by BlockPool.allocate when fewer blocks are free than asked for (the scheduler then preempts)."""
 
 
-def block_hashes(tokens: Sequence[int], block_size: int, salt: str = "") -> list[bytes]:
-    """The chained hashes of the full blocks of `tokens`: h_k = H(h_{k-1}, tokens[k*bs:(k+1)*bs]), h_-1 = H(salt).
+def block_hashes(tokens: Sequence[int], block_size: int, salt: str = "", parent: Optional[bytes] = None
+                 ) -> list[bytes]:
+    """The chained hashes of the full blocks of `tokens`: h_k = H(h_{k-1}, tokens[k*bs:(k+1)*bs]), h_-1 = H(salt)
+    (or `parent`, the hash of the block before tokens[0], to continue a chain).
 
-    A block's hash names its whole prefix, so equal hashes mean equal keys/values for the block (same model)."""
-    parent = hashlib.blake2b(salt.encode(), digest_size=16).digest()
+    A block's hash names its whole prefix, so equal hashes mean equal keys/values for the block (with the same
+    weights: an engine whose model changes must be made anew)."""
+    if parent is None:
+        parent = hashlib.blake2b(salt.encode(), digest_size=16).digest()
     hashes = []
     for start in range(0, len(tokens) - block_size + 1, block_size):
         digest = hashlib.blake2b(parent, digest_size=16)
@@ -80,7 +84,8 @@ class BlockPool:
         return blocks
 
     def lookup(self, hashes: Sequence[bytes]) -> list[int]:
-        """The cached blocks of the longest prefix of `hashes` found, each now used once more."""
+        """The cached blocks of the longest prefix of `hashes` found, each now used once more (`count_lookup`
+        records the statistics once the sequence is admitted)."""
         found = []
         for digest in hashes:
             block = self.cached.get(digest)
@@ -90,10 +95,12 @@ class BlockPool:
                 del self.free_blocks[block]
             self.users[block] += 1
             found.append(block)
-        self.queries += len(hashes)
-        self.hits += len(found)
         self.peak_used = max(self.peak_used, self.num_used)
         return found
+
+    def count_lookup(self, queried: int, found: int) -> None:
+        self.queries += queried
+        self.hits += found
 
     def share(self, blocks: Sequence[int]) -> None:
         """One more user of each (already used) block: a forked sequence reading its parent's full blocks."""

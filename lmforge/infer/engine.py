@@ -86,14 +86,17 @@ class Engine:
     """See the module docstring.
 
     block_size: tokens per KV block. num_blocks: blocks in the cache; by default enough for max_seqs sequences of
-    half the model's context each (longer ones are served by preempting). max_batch_tokens: tokens fed per step
-    (decodes + prompt chunks). max_seqs: sequences running at once. prefix_caching: share the blocks of common
-    prompt prefixes across requests (samples of one request always share their prompt).
+    half the model's context each, and at least one whole context, within kv_cache_mb (default 1024 MiB: a model
+    with a long context does not get a cache for max_seqs full contexts); longer sequences are served by
+    preempting. max_batch_tokens: tokens fed per step (decodes + prompt chunks). max_seqs: sequences running at
+    once. prefix_caching: share the blocks of common prompt prefixes across requests (samples of one request
+    always share their prompt). The cache is keyed by tokens only: an engine whose model's weights change must be
+    made anew.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, block_size: int = DEFAULT_BLOCK_SIZE,
                  num_blocks: Optional[int] = None, max_batch_tokens: int = 512, max_seqs: int = 64,
-                 prefix_caching: bool = True) -> None:
+                 prefix_caching: bool = True, kv_cache_mb: float = 1024.0) -> None:
         for name, value in (("block_size", block_size), ("max_batch_tokens", max_batch_tokens),
                             ("max_seqs", max_seqs), ("num_blocks", num_blocks or 1)):
             if int(value) < 1:
@@ -101,7 +104,10 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.context = model.config.block_size
         if num_blocks is None:
-            num_blocks = max(-(-self.context // block_size), max_seqs * -(-self.context // (2 * block_size)))
+            cfg, weight = model.config, runnable_model(model).tok_emb.weight
+            block_bytes = 2 * cfg.n_layer * block_size * cfg.n_kv_head * cfg.head_dim * weight.element_size()
+            wanted = max(-(-self.context // block_size), max_seqs * -(-self.context // (2 * block_size)))
+            num_blocks = max(1, min(wanted, int(kv_cache_mb * 2**20 // block_bytes)))
         self.pool = BlockPool(num_blocks, block_size)
         self.scheduler = Scheduler(self.pool, max_batch_tokens, max_seqs)
         self.runner = PagedRunner(runnable_model(model), num_blocks, block_size)
@@ -168,11 +174,14 @@ class Engine:
         if request is None:
             return []
         outputs = []
-        for sample in request.samples:
+        for index, sample in enumerate(request.samples):
             if sample.finish_reason is None:
                 self.scheduler.finish(sample.seq)
                 sample.finish_reason = "abort"
-                outputs.append(RequestOutput(request_id, request.samples.index(sample), [], "", True, "abort"))
+                outputs.append(RequestOutput(request_id, index, [], "", True, "abort"))
+        # samples not forked yet (the prompt was still being prefilled) end too
+        outputs += [RequestOutput(request_id, index, [], "", True, "abort")
+                    for index in range(len(request.samples), request.n)]
         return outputs
 
     def has_unfinished(self) -> bool:
@@ -196,10 +205,11 @@ class Engine:
         outputs = []
         seqs = [chunks[i].seq for i in sampled]
         for row, token in enumerate(self._sample(seqs, logits)):
+            request, forks = seqs[row].owner, []
+            if not request.forked and request.n > 1:  # before the leader's token: it may end the leader
+                forks = self._fork(request, logits[row:row + 1])
             outputs.append(self._append(seqs[row].sample, token))
-            request = seqs[row].owner
-            if not request.forked and request.n > 1:
-                outputs += self._fork(request, logits[row:row + 1])
+            outputs += forks
         return outputs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
@@ -233,9 +243,10 @@ class Engine:
                              sample.finish_reason)
 
     def _fork(self, request: Request, logits: torch.Tensor) -> list[RequestOutput]:
-        """The other n - 1 samples of a request whose prompt was just prefilled: each shares the prompt's full
-        blocks, copies its partly filled last block, and draws its first token from the same logits. Without a
-        free block for the copy, a sample queues instead (and finds the full blocks in the prefix cache)."""
+        """The other n - 1 samples of a request whose prompt was just prefilled (the leader still holds its
+        blocks): each shares the prompt's full blocks, copies its partly filled last block, and draws its first
+        token from the same logits. When max_seqs are running or no block is free for the copy, a sample queues
+        instead (and finds the full blocks in the prefix cache)."""
         request.forked = True
         leader = request.samples[0].seq
         full = len(request.prompt) // self.pool.block_size
@@ -245,6 +256,8 @@ class Engine:
             seq = sample.seq
             tail = len(request.prompt) % self.pool.block_size
             try:
+                if len(self.scheduler.running) >= self.scheduler.max_seqs:
+                    raise OutOfBlocks("no room for another running sequence")
                 fresh = self.pool.allocate(1) if tail else []
             except OutOfBlocks:
                 self.scheduler.add(seq)
@@ -254,6 +267,7 @@ class Engine:
                 self.runner.copy_blocks([(leader.block_table[full], fresh[0])])
             seq.block_table = leader.block_table[:full] + fresh
             seq.num_computed, seq.num_cached_hashes = len(request.prompt), full
+            seq.last_hash = leader.last_hash
             seq.status = RUNNING
             self.scheduler.running.append(seq)
             outputs.append(self._append(sample, self._sample([seq], logits)[0]))
@@ -284,18 +298,24 @@ class Engine:
 
     def stream(self, prompt: str | Seq[int], cfg: Optional[GenerationConfig] = None, *,
                eos_id: int | Seq[int] | None = None) -> Generator[str, None, Completion]:
-        """Text deltas of one prompt as they become printable, stepping the engine (and whatever else it runs);
-        returns the Completion. Closing the generator early aborts the request."""
+        """Text deltas of one prompt as they become printable, stepping the engine; returns the Completion.
+        Closing the generator early aborts the request. Other requests in the engine advance too, but this
+        generator consumes the steps' outputs: their results are still in `completions()`, their deltas are not
+        streamed (a server that streams many requests reads `step()` itself)."""
         request_id = self.add_request(prompt, cfg, eos_id=eos_id)
+        request = self.requests[request_id]
         try:
-            while not self.requests[request_id].finished:
+            while not request.finished:
                 for out in self.step():
                     if out.request_id == request_id and out.text:
                         yield out.text
         finally:
-            if request_id in self.requests and not self.requests[request_id].finished:
+            if request_id in self.requests and not request.finished:
                 self.abort(request_id)
-        return self.completions(request_id)[0]
+        if request_id in self.requests:
+            return self.completions(request_id)[0]
+        sample = request.samples[0]  # aborted by another caller
+        return _completion(sample.generated, request.eos_ids, sample.stream, self.tokenizer)
 
     def stats(self) -> dict[str, Any]:
         """KV memory allocated and used (now and at peak), prefix-cache hit rate, preemptions, steps."""
@@ -310,8 +330,9 @@ class Engine:
 def engine_for(model: nn.Module, tokenizer: Any = None, cfg: Optional[GenerationConfig] = None,
                **options: Any) -> Optional[Engine]:
     """An Engine for `model`, or None where plain `generate` must serve instead: the compiled decode step
-    (cfg.compile), or a model the paged runner does not run (prefix or prompt tuning, a non-Transformer)."""
-    if cfg is not None and cfg.compile:
+    (cfg.compile), the cache-less reference (cfg.use_cache False), or a model the paged runner does not run
+    (prefix or prompt tuning, a non-Transformer)."""
+    if cfg is not None and (cfg.compile or not cfg.use_cache):
         return None
     try:
         runnable_model(model)

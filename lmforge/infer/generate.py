@@ -313,6 +313,9 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
         raise ConfigError("generate needs a model dir: lmforge generate MODEL_DIR --prompt TEXT")
     if not cfg.prompt:
         raise ConfigError("generate needs at least one prompt: --prompt TEXT")
+    if (cfg.draft or cfg.prompt_lookup or cfg.medusa) and (cfg.stream or cfg.compile):
+        raise ConfigError("generate: --stream and --compile do not combine with --draft, --prompt_lookup or "
+                          "--medusa (they decode on their own loop and print each row when it is done)")
     from lmforge.infer.engine import engine_for
 
     from lmforge.infer.quant import quantize_as_configured
@@ -327,7 +330,7 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     rows = len(cfg.prompt)
     if cfg.draft or cfg.prompt_lookup or cfg.medusa:
         return _print_rows(cfg, tokenizer, _accelerated(model, tokenizer, cfg, heads))
-    engine = engine_for(model, tokenizer, cfg)
+    engine = engine_for(model, tokenizer, cfg, max_seqs=min(64, rows))
     if not cfg.stream:
         completions = engine.generate(cfg.prompt, cfg) if engine else generate(model, cfg.prompt, cfg, tokenizer)
         return _print_rows(cfg, tokenizer, completions)

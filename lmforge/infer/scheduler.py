@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from lmforge.infer.block_pool import BlockPool, OutOfBlocks, block_hashes
 
@@ -43,6 +43,7 @@ class Sequence:
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
     num_cached_hashes: int = 0  # how many of the full blocks have been registered in the prefix cache
+    last_hash: Optional[bytes] = None  # the hash of the last of those blocks (the chain continues from it)
     preemptions: int = 0
 
     @property
@@ -101,15 +102,16 @@ class Scheduler:
             budget -= length
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
-            self._take_cached_prefix(seq)
+            queried = self._take_cached_prefix(seq)
             length = min(len(seq.tokens) - seq.num_computed, budget)
             try:
                 seq.block_table += self.pool.allocate(self._blocks_for(seq.num_computed + length) -
                                                       len(seq.block_table))
             except OutOfBlocks:  # admit it when blocks come free; its cached prefix stays in the cache meanwhile
                 self.pool.free(seq.block_table)
-                seq.block_table, seq.num_computed, seq.num_cached_hashes = [], 0, 0
+                self._reset(seq)
                 break
+            self.pool.count_lookup(queried, seq.num_cached_hashes)
             self.waiting.popleft()
             seq.status = RUNNING
             self.running.append(seq)
@@ -120,12 +122,19 @@ class Scheduler:
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.pool.block_size)
 
-    def _take_cached_prefix(self, seq: Sequence) -> None:
-        """Start a new sequence after the blocks of its prompt already in the prefix cache (never all of it)."""
+    def _take_cached_prefix(self, seq: Sequence) -> int:
+        """Start a new sequence after the blocks of its prompt already in the prefix cache (never all of it);
+        returns how many blocks were looked up."""
         hashes = block_hashes(seq.tokens[:len(seq.tokens) - 1], self.pool.block_size, seq.salt)
         seq.block_table = self.pool.lookup(hashes)
-        seq.num_computed = seq.num_cached_hashes = len(seq.block_table)
-        seq.num_computed *= self.pool.block_size
+        seq.num_cached_hashes = len(seq.block_table)
+        seq.num_computed = seq.num_cached_hashes * self.pool.block_size
+        seq.last_hash = hashes[seq.num_cached_hashes - 1] if seq.num_cached_hashes else None
+        return len(hashes)
+
+    @staticmethod
+    def _reset(seq: Sequence) -> None:
+        seq.block_table, seq.num_computed, seq.num_cached_hashes, seq.last_hash = [], 0, 0, None
 
     def _reserve(self, seq: Sequence, length: int, chunks: list[ScheduledChunk]) -> bool:
         """Allocate the blocks `seq` needs for `length` more tokens, preempting the newest running sequences
@@ -146,7 +155,7 @@ class Scheduler:
         """Release seq's blocks and queue it first among the waiting, to be recomputed from its tokens."""
         self.running.remove(seq)
         self.pool.free(seq.block_table)
-        seq.block_table, seq.num_computed, seq.num_cached_hashes = [], 0, 0
+        self._reset(seq)
         seq.status = WAITING
         seq.preemptions += 1
         self.preemptions += 1
@@ -156,12 +165,13 @@ class Scheduler:
         """Record that the chunk's keys/values are in the cache; register the blocks it filled for sharing."""
         seq = chunk.seq
         seq.num_computed = chunk.start + chunk.length
-        full = seq.num_computed // self.pool.block_size
-        if full > seq.num_cached_hashes:
-            hashes = block_hashes(seq.tokens[:full * self.pool.block_size], self.pool.block_size, seq.salt)
-            for k in range(seq.num_cached_hashes, full):
-                self.pool.register(seq.block_table[k], hashes[k])
-            seq.num_cached_hashes = full
+        bs = self.pool.block_size
+        full = seq.num_computed // bs
+        if full > seq.num_cached_hashes:  # hash only the new full blocks, continuing the chain
+            hashes = block_hashes(seq.tokens[seq.num_cached_hashes * bs:full * bs], bs, seq.salt, seq.last_hash)
+            for k, digest in enumerate(hashes, start=seq.num_cached_hashes):
+                self.pool.register(seq.block_table[k], digest)
+            seq.num_cached_hashes, seq.last_hash = full, hashes[-1]
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished (or aborted) sequence and release its blocks."""

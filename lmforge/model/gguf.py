@@ -191,13 +191,12 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
 
 
 def _load(path: Path, tokenizer: Optional[Any]) -> tuple[Transformer, Any]:
-    """The plain Transformer of a model dir (lmforge or Hugging Face) and `tokenizer`, else the dir's own."""
-    from lmforge.convert import load  # the same layer: lmforge.convert imports the model package
-
-    model = load(path)
-    if not isinstance(model, Transformer):
+    """The Transformer of an lmforge model dir and `tokenizer`, else the dir's own. (A Hugging Face dir goes
+    through `lmforge convert`, which loads it and hands the model here: this module stays in the model layer.)"""
+    if (path / "lmforge_adapter.json").is_file():
         raise ConfigError(f"{path}: a model with adapters cannot be exported to GGUF; merge it first "
                           f"(lmforge peft merge {path} MERGED_DIR)")
+    model = Transformer.from_dir(path)
     check_llama_style(model.config, str(path))
     tokenizer = tokenizer or model_dir_tokenizer(path)
     if tokenizer is None:
@@ -217,12 +216,13 @@ def _check_replaceable_file(path: Path) -> None:
 
 
 def export_gguf(model_dir_or_model: str | os.PathLike | Transformer, out_path: str | os.PathLike,
-                file_type: str = "f32", tokenizer: Optional[Any] = None) -> Path:
+                file_type: str = "f32", tokenizer: Optional[Any] = None, name: str = "lmforge") -> Path:
     """Write `out_path` (atomically: a temp file renamed into place), a GGUF file llama.cpp loads as a "llama"
     model with the same next-token distribution (exactly up to float rounding for f32; see the module docstring).
 
-    model_dir_or_model: an lmforge or Hugging Face model dir (its tokenizer files are used), or a Transformer
-    with `tokenizer` (an lmforge Tokenizer). file_type: f32 | f16 | q8_0 | q4_0. Returns the path written.
+    model_dir_or_model: an lmforge model dir (its tokenizer files are used), or a Transformer with `tokenizer`
+    (an lmforge Tokenizer; `name` is the model name written). file_type: f32 | f16 | q8_0 | q4_0. Returns the path
+    written. `lmforge convert SRC out.gguf --to gguf` also takes Hugging Face dirs.
     """
     if file_type not in FILE_TYPES:
         raise ConfigError(f"gguf file type {file_type!r}: expected one of {', '.join(FILE_TYPES)}")
@@ -233,10 +233,13 @@ def export_gguf(model_dir_or_model: str | os.PathLike | Transformer, out_path: s
         check_llama_style(model_dir_or_model.config)
         if tokenizer is None:
             raise ConfigError("export_gguf of a Transformer needs tokenizer=... (GGUF carries the vocabulary)")
-        model, name = model_dir_or_model, "lmforge"
-    else:
+        model = model_dir_or_model
+    elif isinstance(model_dir_or_model, (str, os.PathLike)):
         model, tokenizer = _load(Path(model_dir_or_model), tokenizer)
         name = Path(model_dir_or_model).resolve().name
+    else:
+        raise ConfigError(f"export_gguf takes an lmforge model dir or a Transformer, not "
+                          f"{type(model_dir_or_model).__name__} (merge an adapter first: lmforge peft merge)")
     cfg = model.config
     tensors = gguf_tensors(model)
     with atomic_path(out_path) as tmp:
