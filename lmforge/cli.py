@@ -105,6 +105,9 @@ COMMANDS: tuple[Command, ...] = (
             "evaluate a model dir on tasks (k-shot, log-likelihood choices, exact match, chrF, BLEU) and perplexity",
             "lmforge eval runs/sft/final --tasks synonym,arithmetic --shots 0 --out eval.json",
             positionals=("model",)),
+    Command(("serve",), "lmforge.serve.config:ServeConfig", "lmforge.serve.server:serve",
+            "serve model dirs over an OpenAI-compatible HTTP API (completions, chat, streaming) on the engine",
+            "lmforge serve runs/sft/final --host 127.0.0.1 --port 8000", positionals=("model",)),
     Command(("convert",), "lmforge.convert:ConvertConfig", "lmforge.convert:convert",
             "convert between an lmforge model dir and a Hugging Face dir (GPT-2, LLaMA, Qwen2, Mistral)",
             "lmforge convert runs/wn/final hf/wn --to hf", positionals=("src", "dst")),
@@ -138,8 +141,11 @@ def _type_name(tp: Any) -> str:
 
 def _add_config_options(parser: argparse.ArgumentParser, cfg_cls: type, positionals: Sequence[str]) -> None:
     parser.add_argument("--config", metavar="FILE", default=None, help="TOML, YAML or JSON config file")
-    for key in positionals:
-        parser.add_argument(f"_pos_{key}", metavar=key.upper(), nargs="?", default=None, help=f"same as --{key}")
+    types = {key: tp for key, tp, _, _ in flat_fields(cfg_cls)}
+    for key in positionals:  # a list-typed key takes every positional value: lmforge serve DIR_A DIR_B
+        many = typing.get_origin(types.get(key)) in (list, tuple)
+        parser.add_argument(f"_pos_{key}", metavar=key.upper(), nargs="*" if many else "?", default=None,
+                            help=f"same as --{key}")
     for key, tp, default, comment in flat_fields(cfg_cls):
         is_bool = tp is bool or tp == typing.Optional[bool]
         is_list = typing.get_origin(tp) in (list, tuple)
@@ -220,7 +226,7 @@ def run_command(cmd: Command, args: argparse.Namespace) -> Any:
     overrides = {k[len("cfg:"):]: _split_commas(k[len("cfg:"):], v) for k, v in values.items()
                  if k.startswith("cfg:")}
     for key in cmd.positionals:
-        if values.get(f"_pos_{key}") is not None:
+        if values.get(f"_pos_{key}") not in (None, []):
             overrides[key] = values[f"_pos_{key}"]
     cfg = load_config(_import(cmd.config), values.get("config"), overrides)
     return _import(cmd.run)(cfg)

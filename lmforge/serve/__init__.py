@@ -1,0 +1,1 @@
+"""Serving: an OpenAI-compatible HTTP API on the inference engine (`lmforge serve`)."""

@@ -1,0 +1,30 @@
+"""`lmforge serve`'s config, in a module without torch so that the CLI's help loads fast."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmforge.errors import ConfigError
+
+
+@dataclass
+class ServeConfig:
+    """Serve one or more model dirs; a request names its model by the dir's name (or the --name given)."""
+
+    model: list[str] = field(default_factory=list)  # model dirs (lmforge or Hugging Face) to serve
+    name: list[str] = field(default_factory=list)  # the names clients use, one per model (default: dir names)
+    host: str = "127.0.0.1"  # the address to listen on (0.0.0.0: every interface)
+    port: int = 8000
+    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps
+    max_seqs: int = 64  # sequences each model's engine runs at once
+    max_batch_tokens: int = 512  # tokens each engine step feeds (decodes + prompt chunks)
+    kv_cache_mb: float = 1024.0  # each model's paged KV cache, at most
+    max_tokens_limit: int = 4096  # the largest max_tokens a request may ask for
+
+    def __post_init__(self) -> None:
+        if self.name and len(self.name) != len(self.model):
+            raise ConfigError(f"serve: {len(self.name)} --name for {len(self.model)} model dirs; give one per model")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"serve port={self.port}: expected 0-65535")
+        if self.max_seqs < 1 or self.max_batch_tokens < 1 or self.max_tokens_limit < 1:
+            raise ConfigError("serve: max_seqs, max_batch_tokens and max_tokens_limit must be >= 1")

@@ -1,0 +1,245 @@
+"""The OpenAI-compatible HTTP API: /v1/models, /v1/completions and /v1/chat/completions (streamed as server-sent
+events or not), /health. Every request goes through its model's engine (continuous batching).
+
+Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with status 400 for a malformed or
+impossible request (bad JSON, unknown or mistyped fields, a prompt longer than the context), 404 for an unknown
+model; never a traceback. A streaming client that disconnects has its request aborted (its sequences leave the
+batch and free their blocks).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Literal, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmforge.errors import LmforgeError
+from lmforge.infer.config import GenerationConfig
+from lmforge.serve.engine_thread import EngineThread
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort"}
+
+
+@dataclass
+class ServedModel:
+    name: str
+    engine: EngineThread
+    tokenizer: Any
+    context: int
+    created: int
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=16)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    user: Optional[str] = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: Optional[str] = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None
+          ) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def build_app(models: dict[str, ServedModel], max_tokens_limit: int = 4096) -> FastAPI:
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None)
+    app.state.models = models
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return error(400, f"{where or 'request'}: {first.get('msg', 'invalid request')}", param=where)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error(exc.status, exc.message, "not_found_error" if exc.status == 404 else "invalid_request_error",
+                     exc.param)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": m.name, "object": "model", "created": m.created,
+                                            "owned_by": "lmforge", "max_model_len": m.context}
+                                           for m in models.values()]}
+
+    def served(name: str) -> ServedModel:
+        if name not in models:
+            raise ApiError(404, f"model {name!r} is not served here; served: {', '.join(sorted(models))}", "model")
+        return models[name]
+
+    def generation(body: _Sampling, default_max: int) -> GenerationConfig:
+        max_tokens = body.max_completion_tokens or body.max_tokens or default_max
+        if max_tokens > max_tokens_limit:
+            raise ApiError(400, f"max_tokens={max_tokens} is above this server's limit {max_tokens_limit}",
+                           "max_tokens")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if any(not s for s in stop):
+            raise ApiError(400, "stop: every stop string must be non-empty", "stop")
+        return GenerationConfig(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                stop=stop, seed=body.seed)
+
+    async def run(model: ServedModel, prompt: list[int], cfg: GenerationConfig, n: int,
+                  eos_id: Optional[list[int]]) -> tuple[str, Any]:
+        try:
+            return model.engine.submit(prompt, cfg, n=n, eos_id=eos_id)
+        except (LmforgeError, TypeError) as exc:
+            raise ApiError(400, str(exc), "prompt") from None
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        model = served(body.model)
+        cfg = generation(body, 16)
+        prompts = _prompt_list(body.prompt, model.tokenizer)
+        if len(prompts) != 1 and body.stream:
+            raise ApiError(400, "stream takes one prompt", "prompt")
+        if body.stream:
+            request_id, queue = await run(model, prompts[0], cfg, body.n, None)
+            return _sse(_stream_chunks(model, request_id, queue, "text_completion", body.n, prompts[0]))
+        choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
+        for prompt in prompts:
+            request_id, queue = await run(model, prompt, cfg, body.n, None)
+            done = await _collect(model, request_id, queue)
+            usage["prompt_tokens"] += len(prompt)
+            for completion in done:
+                usage["completion_tokens"] += len(completion.token_ids)
+                choices.append({"index": len(choices), "text": completion.text or "", "logprobs": None,
+                                "finish_reason": FINISH[completion.finish_reason]})
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": model.name, "choices": choices,
+                "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest) -> Any:
+        model = served(body.model)
+        tokenizer = model.tokenizer
+        if tokenizer.chat_template is None:
+            raise ApiError(400, f"model {model.name!r} has no chat template: use /v1/completions", "model")
+        prompt = tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in body.messages],
+                                       add_generation_prompt=True)
+        cfg = generation(body, max(1, model.context - len(prompt)))
+        request_id, queue = await run(model, prompt, cfg, body.n, list(tokenizer.chat_stop_ids))
+        if body.stream:
+            return _sse(_stream_chunks(model, request_id, queue, "chat.completion.chunk", body.n, prompt))
+        done = await _collect(model, request_id, queue)
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text or ""}, "logprobs": None,
+                    "finish_reason": FINISH[c.finish_reason]} for i, c in enumerate(done)]
+        generated = sum(len(c.token_ids) for c in done)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": model.name, "choices": choices,
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": generated,
+                          "total_tokens": len(prompt) + generated}}
+
+    return app
+
+
+def _prompt_list(prompt: Any, tokenizer: Any) -> list[list[int]]:
+    """The prompts of a completions request as token ids: a string, a list of strings, token ids, or lists of ids."""
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if not prompt:
+        raise ApiError(400, "prompt is empty", "prompt")
+    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+async def _collect(model: ServedModel, request_id: str, queue: Any) -> list[Any]:
+    """Wait for a request's Completions; a client that goes away meanwhile has its request aborted."""
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, list):
+                return item
+    except BaseException:
+        model.engine.abort(request_id)
+        raise
+
+
+async def _stream_chunks(model: ServedModel, request_id: str, queue: Any, kind: str, n: int,
+                         prompt: list[int]) -> AsyncIterator[dict[str, Any]]:
+    """The chunks of a streamed response: text deltas per choice, then each choice's finish_reason."""
+    created, ident = int(time.time()), f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
+    chat = kind.startswith("chat")
+
+    def chunk(index: int, text: Optional[str], finish: Optional[str], first: bool = False) -> dict[str, Any]:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {"id": ident, "object": kind, "created": created, "model": model.name, "choices": [choice]}
+
+    finished = False
+    try:
+        if chat:
+            for index in range(n):
+                yield chunk(index, None, None, first=True)
+        while True:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, list):
+                finished = True
+                return
+            if item.text or item.finished:
+                yield chunk(item.index, item.text, FINISH[item.finish_reason] if item.finished else None)
+    finally:
+        if not finished:  # the client went away (or the engine failed): free the sequences
+            model.engine.abort(request_id)
+
+
+def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for item in chunks:
+                yield f"data: {json.dumps(item)}\n\n"
+        except LmforgeError as exc:
+            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")

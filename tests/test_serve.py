@@ -1,0 +1,136 @@
+"""The OpenAI-compatible server: the official `openai` client against a tiny model, errors, disconnects, the CLI."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai", reason="the openai client is a dev dependency")
+
+from lmforge.convert import load_with_tokenizer  # noqa: E402
+from lmforge.infer.config import GenerationConfig  # noqa: E402
+from lmforge.infer.generate import generate  # noqa: E402
+from lmforge.serve.config import ServeConfig  # noqa: E402
+from lmforge.serve.server import make_server  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(base):
+    port = free_port()
+    srv = make_server(ServeConfig(model=[str(base)], name=["tiny"], port=port, max_tokens_limit=64))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    yield srv, f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key="unused")
+
+
+def test_models_completions_and_chat_equal_lmforge_generate(server, client, base):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    model, tokenizer = load_with_tokenizer(base)
+    model.eval()
+    want = generate(model, ["the cat"], GenerationConfig(max_new_tokens=8, temperature=0.0), tokenizer)[0]
+    got = client.completions.create(model="tiny", prompt="the cat", max_tokens=8, temperature=0)
+    assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids)
+    messages = [{"role": "user", "content": "the cat"}]
+    ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
+    want = generate(model, [ids], GenerationConfig(max_new_tokens=10, temperature=0.0), tokenizer,
+                    eos_id=tokenizer.chat_stop_ids)[0]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert reply.choices[0].message.content == want.text and reply.usage.prompt_tokens == len(ids)
+    assert reply.choices[0].finish_reason == ("length" if want.finish_reason == "length" else "stop")
+
+
+def test_streaming_gives_the_same_text_and_n_samples_are_seeded(client):
+    messages = [{"role": "user", "content": "a dog is"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                            stream=True)
+    pieces, finish = [], None
+    for chunk in stream:
+        pieces.append(chunk.choices[0].delta.content or "")
+        finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].message.content and finish == whole.choices[0].finish_reason
+    text = "".join(c.choices[0].text for c in client.completions.create(model="tiny", prompt="the", max_tokens=6,
+                                                                          temperature=0, stream=True))
+    assert text == client.completions.create(model="tiny", prompt="the", max_tokens=6, temperature=0).choices[0].text
+    first = client.completions.create(model="tiny", prompt="the", max_tokens=6, n=3, seed=5, temperature=1.0)
+    again = client.completions.create(model="tiny", prompt="the", max_tokens=6, n=3, seed=5, temperature=1.0)
+    assert [c.text for c in first.choices] == [c.text for c in again.choices] and len(first.choices) == 3
+
+
+def test_errors_have_openai_shape_and_status(server, client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=1000)  # above max_tokens_limit
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="the " * 200)  # longer than the context
+    url = server[1]
+    for body in ('{"model": "tiny", "prompt": ', '{"model": "tiny", "prompt": "x", "bogus": 1}',
+                 '{"model": "tiny", "prompt": "x", "temperature": -1}', '{"model": "tiny", "prompt": "x", "n": "two"}',
+                 '[1, 2]'):
+        response = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, body
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"] and "Traceback" not in response.text
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_sequence(server):
+    url = server[1]
+    engine = next(iter(server[0].config.app.state.models.values())).engine
+    with httpx.stream("POST", url + "/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 60,
+                                                            "temperature": 0.0, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk, then the client goes away
+    deadline = time.time() + 20
+    while time.time() < deadline and (engine.stats()["kv_blocks_used"] or engine.engine.requests):
+        time.sleep(0.05)
+    assert engine.stats()["kv_blocks_used"] == 0 and not engine.engine.requests
+
+
+@pytest.mark.slow
+def test_cli_serve_answers_and_stops_on_sigterm(base, tmp_path):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(base), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"model": base.name, "prompt": "the cat", "max_tokens": 4, "temperature": 0}
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body).json()
+        assert answer["object"] == "text_completion" and answer["choices"][0]["finish_reason"] in ("stop", "length")
+        assert json.dumps(answer)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
