@@ -320,3 +320,30 @@ def test_forked_samples_respect_max_seqs(model):
     assert [c.token_ids for c in engine.completions(rid)] == [alone(model, list(range(1, 12)),
                                                                     GenerationConfig(max_new_tokens=6,
                                                                                      temperature=0.0)).token_ids] * 4
+
+
+def test_prompt_and_token_logprobs_equal_a_plain_forward_pass(model):
+    """Prompt log-probabilities over chunked prefill (budget 8) and the generated tokens' own and top-k ones."""
+    prompt = random_prompts(1, seed=9, longest=2)[0] + list(range(3, 30))
+    engine = Engine(model, block_size=8, max_batch_tokens=8)
+    engine.generate([prompt], GREEDY)  # its blocks are in the prefix cache: a scored prompt must not use them
+    rid = engine.add_request(prompt, GenerationConfig(max_new_tokens=5, temperature=0.0, eos=False),
+                             logprobs=3, prompt_logprobs=2)
+    outputs = []
+    while engine.has_unfinished():
+        outputs += [o for o in engine.step() if o.request_id == rid]
+    request = engine.requests[rid]
+    generated = request.samples[0].generated
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + generated]))[0], dim=-1)  # (T, V)
+    full = prompt + generated
+    want = [float(logp[p - 1, full[p]]) for p in range(1, len(full))]
+    got = [s.logprob for s in request.prompt_scores] + [s.logprob for o in outputs for s in o.logprobs]
+    assert got == pytest.approx(want, abs=1e-4)
+    first = request.prompt_scores[0]
+    top = logp[0].topk(2)
+    assert list(first.top) == top.indices.tolist() and list(first.top.values()) == pytest.approx(top.values.tolist(),
+                                                                                                  abs=1e-4)
+    assert all(len(o.logprobs[0].top) == 3 and o.logprobs[0].token == o.token_ids[0] for o in outputs)
+    # greedy: the chosen token is the most likely one
+    assert all(max(o.logprobs[0].top.values()) == pytest.approx(o.logprobs[0].logprob) for o in outputs)

@@ -134,3 +134,74 @@ def test_cli_serve_answers_and_stops_on_sigterm(base, tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.slow
+def test_lm_evaluation_harness_scores_choices_through_the_server(server, base, tmp_path, monkeypatch):
+    """lm-evaluation-harness's local-completions model with the remote tokenizer (/tokenizer_info, /tokenize):
+    every choice's log-likelihood it gets back equals the model's own, computed here with a forward pass."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is a dev dependency")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rows = [{"question": "the cat sat on the", "choices": ["mat", "dog", "friend"], "label": 0},
+            {"question": "a dog is a", "choices": ["friend", "cat", "mat"], "label": 0},
+            {"question": "the dog sat", "choices": ["on the mat", "a friend"], "label": 1}]
+    (tmp_path / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "toy.yaml").write_text(
+        "task: lmforge_toy_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'toy.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc\n")
+    args = (f"base_url={server[1]}/v1/completions,model=tiny,tokenizer_backend=remote,tokenized_requests=True,"
+            "num_concurrent=1,max_retries=1")
+    results = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["lmforge_toy_choice"],
+                                      task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
+    model, tokenizer = load_with_tokenizer(base)
+    model.eval()
+    import torch
+
+    hits = []
+    for sample in results["samples"]["lmforge_toy_choice"]:
+        doc = sample["doc"]
+        context = tokenizer.encode(doc["question"])
+        scores = []
+        for choice, (got, _) in zip(doc["choices"], [r[0] for r in sample["resps"]]):
+            whole = tokenizer.encode(doc["question"] + " " + choice)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole]))[0], dim=-1)
+            want = sum(float(logp[p - 1, whole[p]]) for p in range(len(context), len(whole)))
+            assert got == pytest.approx(want, abs=1e-4)
+            scores.append(want)
+        hits.append(scores.index(max(scores)) == doc["label"])
+    assert results["results"]["lmforge_toy_choice"]["acc,none"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_logprobs_echo_and_tokenizer_endpoints(server, client, base):
+    import torch
+
+    url = server[1]
+    model, tokenizer = load_with_tokenizer(base)
+    model.eval()
+    ids = httpx.post(url + "/tokenize", json={"prompt": "the cat sat"}).json()["tokens"]
+    assert ids == tokenizer.encode("the cat sat")
+    assert httpx.post(url + "/detokenize", json={"tokens": ids}).json()["prompt"] == "the cat sat"
+    info = httpx.get(url + "/tokenizer_info").json()
+    assert info["eos_token"] == tokenizer.special_tokens["eos"] and info["model_max_length"] == 64
+    assert httpx.post(url + "/detokenize", json={"tokens": [10**6]}).status_code == 400
+    # echo + logprobs + one new token: what lm-evaluation-harness asks for a log-likelihood
+    out = client.completions.create(model="tiny", prompt="the cat sat", max_tokens=1, temperature=0, echo=True,
+                                    logprobs=2)
+    choice = out.choices[0]
+    assert choice.text.startswith("the cat sat") and len(choice.logprobs.tokens) == len(ids) + 1
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0], dim=-1)
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    want = [float(logp[p - 1, ids[p]]) for p in range(1, len(ids))] + [float(logp[-1].max())]
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs[1:])
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) >= 1 and all(len(c.top_logprobs) == 2 for c in content)
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)  # greedy: the most likely

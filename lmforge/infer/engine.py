@@ -49,6 +49,26 @@ class RequestOutput:
     text: str  # text that became printable this step ('' without a tokenizer)
     finished: bool = False
     finish_reason: Optional[str] = None  # eos | stop | length | abort
+    logprobs: Optional[list["TokenLogprob"]] = None  # with add_request(logprobs=k): one per token of token_ids
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (log_softmax of its raw logits, before any sampling filter) and
+    the `k` most likely tokens at its position with theirs."""
+
+    token: int
+    logprob: float
+    top: dict[int, float]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Seq[int], k: int) -> list[TokenLogprob]:
+    """TokenLogprobs of `tokens` (T,) read from `logits` (T, V) row by row."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    top_values, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    return [TokenLogprob(int(t), c, dict(zip(ids, values)))
+            for t, c, ids, values in zip(tokens, chosen, top_ids.tolist(), top_values.tolist())]
 
 
 @dataclass(eq=False)
@@ -60,6 +80,7 @@ class _Sample:
     stream: Optional[_TextStream]
     present: Optional[torch.Tensor] = None  # (1, V) tokens seen, for the repetition penalty
     finish_reason: Optional[str] = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the generated tokens, when asked for
 
     @property
     def generated(self) -> list[int]:
@@ -76,6 +97,9 @@ class Request:
     n: int
     samples: list[_Sample] = field(default_factory=list)
     forked: bool = False
+    logprobs: Optional[int] = None  # top-k log-probabilities of each generated token (0: the token's own only)
+    prompt_logprobs: Optional[int] = None  # the same for every prompt token after the first
+    prompt_scores: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.., when asked for
 
     @property
     def finished(self) -> bool:
@@ -120,8 +144,13 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | Seq[int], cfg: Optional[GenerationConfig] = None, *, n: int = 1,
-                    request_id: Optional[str] = None, eos_id: int | Seq[int] | None = None) -> str:
-        """Queue a prompt (text with a tokenizer, or token ids) for `n` samples; return its request id."""
+                    request_id: Optional[str] = None, eos_id: int | Seq[int] | None = None,
+                    logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None) -> str:
+        """Queue a prompt (text with a tokenizer, or token ids) for `n` samples; return its request id.
+
+        logprobs=k: each RequestOutput carries its tokens' log-probabilities and the k most likely tokens' (0: the
+        token's own only); prompt_logprobs=k: the same for the prompt's tokens after the first, in
+        `Request.prompt_scores` (such a prompt is computed in full: it takes no blocks from the prefix cache)."""
         cfg = cfg or GenerationConfig()
         if cfg.stop and self.tokenizer is None:
             raise TypeError("engine: stop strings need a tokenizer")
@@ -144,14 +173,18 @@ class Engine:
         if -(-(len(prompt) + max_new) // self.pool.block_size) > self.pool.num_blocks:
             raise ConfigError(f"engine: a sequence of {len(prompt) + max_new} tokens needs more than the cache's "
                               f"{self.pool.num_blocks} blocks of {self.pool.block_size}: raise num_blocks")
-        request = Request(request_id, prompt, cfg, stop_ids(eos_id, self.tokenizer, cfg), max_new, n)
+        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if k is not None and not 0 <= k <= min(20, self.vocab_size):
+                raise ConfigError(f"engine {name}={k}: expected 0-{min(20, self.vocab_size)}")
+        request = Request(request_id, prompt, cfg, stop_ids(eos_id, self.tokenizer, cfg), max_new, n,
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         self.requests[request_id] = request
         self._new_sample(request, list(prompt), queue=True)
         return request_id
 
     def _new_sample(self, request: Request, tokens: list[int], queue: bool) -> _Sample:
         index = len(request.samples)
-        salt = "" if self.prefix_caching else request.request_id
+        salt = "" if self.prefix_caching and request.prompt_logprobs is None else request.request_id
         seq = Sequence(next(self._ids), tokens, len(request.prompt), salt=salt, owner=request)
         cfg = request.cfg
         generator = None
@@ -196,10 +229,20 @@ class Engine:
         if not chunks:
             return []
         sampled = [i for i, c in enumerate(chunks) if c.sample]
-        logits = self.runner.run([ChunkInput(c.seq.tokens[c.start:c.start + c.length], c.start, c.seq.block_table)
-                                  for c in chunks], sampled)  # (len(sampled), V)
+        scored = [i for i, c in enumerate(chunks) if c.seq.owner.prompt_logprobs is not None and
+                  c.seq is c.seq.owner.samples[0].seq and c.start < c.seq.prompt_len and
+                  len(c.seq.owner.prompt_scores) == c.start]  # the leader's prompt, once (not on a recompute)
+        logits, full = self.runner.run([ChunkInput(c.seq.tokens[c.start:c.start + c.length], c.start,
+                                                   c.seq.block_table) for c in chunks], sampled, scored)
         self.steps += 1
         self.tokens_fed += sum(c.length for c in chunks)
+        for i in scored:  # logits after token p score token p + 1, within the prompt
+            chunk, request = chunks[i], chunks[i].seq.owner
+            end = min(chunk.start + chunk.length, chunk.seq.prompt_len - 1)
+            if end > chunk.start:
+                request.prompt_scores += token_logprobs(full[i][:end - chunk.start],
+                                                        chunk.seq.tokens[chunk.start + 1:end + 1],
+                                                        request.prompt_logprobs)
         for chunk in chunks:
             self.scheduler.computed(chunk)
         outputs = []
@@ -208,7 +251,7 @@ class Engine:
             request, forks = seqs[row].owner, []
             if not request.forked and request.n > 1:  # before the leader's token: it may end the leader
                 forks = self._fork(request, logits[row:row + 1])
-            outputs.append(self._append(seqs[row].sample, token))
+            outputs.append(self._append(seqs[row].sample, token, logits[row:row + 1]))
             outputs += forks
         return outputs
 
@@ -221,10 +264,14 @@ class Engine:
                 tokens[row] = int(sample_next(logits[row:row + 1], cfg, sample.generator, sample.present)[0])
         return tokens
 
-    def _append(self, sample: _Sample, token: int) -> RequestOutput:
+    def _append(self, sample: _Sample, token: int, logits: torch.Tensor) -> RequestOutput:
         """Add a sampled token to its sequence, decide whether the sample is done, and say what it produced."""
         seq, request = sample.seq, sample.seq.owner
         seq.tokens.append(token)
+        scores = None
+        if request.logprobs is not None:
+            scores = token_logprobs(logits, [token], request.logprobs)
+            sample.logprobs += scores
         if sample.present is not None:
             sample.present[0, token] = True
         text, ended = "", False
@@ -240,7 +287,7 @@ class Engine:
             sample.finish_reason = "stop" if stopped else "eos" if ended else "length"
             self.scheduler.finish(seq)
         return RequestOutput(request.request_id, index, [token], text, sample.finish_reason is not None,
-                             sample.finish_reason)
+                             sample.finish_reason, scores)
 
     def _fork(self, request: Request, logits: torch.Tensor) -> list[RequestOutput]:
         """The other n - 1 samples of a request whose prompt was just prefilled (the leader still holds its
@@ -270,7 +317,7 @@ class Engine:
             seq.last_hash = leader.last_hash
             seq.status = RUNNING
             self.scheduler.running.append(seq)
-            outputs.append(self._append(sample, self._sample([seq], logits)[0]))
+            outputs.append(self._append(sample, self._sample([seq], logits)[0], logits))
         return outputs
 
     # ---- convenience ----------------------------------------------------------------------------------------

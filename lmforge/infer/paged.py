@@ -73,9 +73,11 @@ class PagedRunner:
         return 2 * self.k[:, 0].numel() * self.k.element_size()
 
     @torch.inference_mode()
-    def run(self, chunks: Sequence[ChunkInput], sample_rows: Sequence[int]) -> Tensor:
+    def run(self, chunks: Sequence[ChunkInput], sample_rows: Sequence[int],
+            every_position: Sequence[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
         """Feed every chunk; return the logits (len(sample_rows), V) after the last token of the chunks whose
-        indices are listed in sample_rows (the others only fill the cache)."""
+        indices are listed in sample_rows (the others only fill the cache), and for each chunk index in
+        every_position the logits after each of its tokens, (len(chunk), V) (prompt log-probabilities)."""
         m, device = self.model, self.device
         lengths = [len(c.tokens) for c in chunks]
         tokens = torch.tensor([t for c in chunks for t in c.tokens], dtype=torch.long, device=device)  # (N,)
@@ -101,7 +103,11 @@ class PagedRunner:
                 x = block.attn_norm(x + self._attention(layer, block.attn, x, rope, slots, plan))
                 x = block.mlp_norm(x + block.mlp(x))
         ends = torch.tensor([sum(lengths[:i + 1]) - 1 for i in sample_rows], dtype=torch.long, device=device)
-        return m.lm_head(m.norm(x.index_select(0, ends)))  # (R, V)
+        full = {}
+        for i in every_position:  # the whole chunk through the head (a few prompts that asked for it)
+            start = sum(lengths[:i])
+            full[i] = m.lm_head(m.norm(x[start:start + lengths[i]]))  # (T_i, V)
+        return m.lm_head(m.norm(x.index_select(0, ends))), full  # (R, V)
 
     def _attention(self, layer: int, attn: nn.Module, x: Tensor, rope: Optional[tuple[Tensor, Tensor]],
                    slots: Tensor, plan: "_AttentionPlan") -> Tensor:

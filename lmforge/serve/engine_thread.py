@@ -3,7 +3,7 @@
 The engine is not thread-safe, so one lock guards it: the HTTP handlers add and abort requests under the lock,
 the thread steps under it. The thread sleeps while the engine has nothing to do and wakes when a request comes.
 Each request's outputs are handed to an asyncio.Queue on the loop that asked for them (call_soon_threadsafe); the
-last item for a request is its list of Completions (or the exception that stopped the engine).
+last item for a request is (its Completions, the engine's Request), or the exception that stopped the engine.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ class EngineThread:
         self.thread.start()
 
     def submit(self, prompt: Sequence[int], cfg: GenerationConfig, n: int = 1,
-               eos_id: Optional[Sequence[int]] = None) -> tuple[str, asyncio.Queue]:
-        """Add a request (raising the engine's errors for a bad one); return its id and its output queue."""
+               eos_id: Optional[Sequence[int]] = None, **scores: Optional[int]) -> tuple[str, asyncio.Queue]:
+        """Add a request (raising the engine's errors for a bad one); return its id and its output queue.
+        `scores`: the engine's logprobs / prompt_logprobs options."""
         queue: asyncio.Queue = asyncio.Queue()
         with self.lock:
-            request_id = self.engine.add_request(list(prompt), cfg, n=n, eos_id=eos_id)
+            request_id = self.engine.add_request(list(prompt), cfg, n=n, eos_id=eos_id, **scores)
             self.queues[request_id] = (asyncio.get_running_loop(), queue)
         self.work.set()
         return request_id, queue
@@ -65,8 +66,9 @@ class EngineThread:
                     if self.engine.requests.get(out.request_id) is not None and \
                             self.engine.requests[out.request_id].finished:
                         finished.add(out.request_id)
-                for request_id in finished:
-                    self._send(request_id, self.engine.completions(request_id))
+                for request_id in finished:  # last item: (Completions, the engine's Request)
+                    request = self.engine.requests[request_id]
+                    self._send(request_id, (self.engine.completions(request_id), request))
                     self.queues.pop(request_id, None)
 
     def _send(self, request_id: str, item: Any) -> None:

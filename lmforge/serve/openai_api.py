@@ -53,6 +53,23 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[int], list[str], list[list[int]]]
+    echo: bool = False  # the prompt before the completion (with its log-probabilities when logprobs is set)
+    logprobs: Optional[int] = Field(default=None, ge=0, le=20)  # top-k log-probabilities per token
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    tokens: list[int]
 
 
 class ChatMessage(BaseModel):
@@ -65,6 +82,8 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None
@@ -120,11 +139,40 @@ def build_app(models: dict[str, ServedModel], max_tokens_limit: int = 4096) -> F
                                 stop=stop, seed=body.seed)
 
     async def run(model: ServedModel, prompt: list[int], cfg: GenerationConfig, n: int,
-                  eos_id: Optional[list[int]]) -> tuple[str, Any]:
+                  eos_id: Optional[list[int]], **scores: Optional[int]) -> tuple[str, Any]:
         try:
-            return model.engine.submit(prompt, cfg, n=n, eos_id=eos_id)
+            return model.engine.submit(prompt, cfg, n=n, eos_id=eos_id, **scores)
         except (LmforgeError, TypeError) as exc:
             raise ApiError(400, str(exc), "prompt") from None
+
+    def served_or_only(name: Optional[str]) -> ServedModel:
+        if name is None and len(models) == 1:
+            return next(iter(models.values()))
+        return served(name or "")
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(model: Optional[str] = None) -> dict[str, Any]:
+        """What lm-evaluation-harness's tokenizer_backend=remote reads (vLLM's fields)."""
+        chosen = served_or_only(model)
+        special = chosen.tokenizer.special_tokens
+        return {"tokenizer_class": "lmforge", "eos_token": special.get("eos"), "bos_token": special.get("bos"),
+                "pad_token": special.get("pad"), "chat_template": chosen.tokenizer.chat_template,
+                "model_max_length": chosen.context}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        chosen = served_or_only(body.model)
+        tokens = chosen.tokenizer.encode(body.prompt, add_bos=body.add_special_tokens and "bos" in
+                                         chosen.tokenizer.special_tokens, allow_special=True)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": chosen.context}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        chosen = served_or_only(body.model)
+        vocab = chosen.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise ApiError(400, f"tokens: every id must be in [0, {vocab})", "tokens")
+        return {"prompt": chosen.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
@@ -133,17 +181,25 @@ def build_app(models: dict[str, ServedModel], max_tokens_limit: int = 4096) -> F
         prompts = _prompt_list(body.prompt, model.tokenizer)
         if len(prompts) != 1 and body.stream:
             raise ApiError(400, "stream takes one prompt", "prompt")
+        scores = {"logprobs": body.logprobs, "prompt_logprobs": body.logprobs if body.echo else None}
         if body.stream:
-            request_id, queue = await run(model, prompts[0], cfg, body.n, None)
+            if body.echo:
+                raise ApiError(400, "echo is not streamed: ask without stream", "echo")
+            request_id, queue = await run(model, prompts[0], cfg, body.n, None, **scores)
             return _sse(_stream_chunks(model, request_id, queue, "text_completion", body.n, prompts[0]))
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
         for prompt in prompts:
-            request_id, queue = await run(model, prompt, cfg, body.n, None)
-            done = await _collect(model, request_id, queue)
+            request_id, queue = await run(model, prompt, cfg, body.n, None, **scores)
+            done, request = await _collect(model, request_id, queue)
             usage["prompt_tokens"] += len(prompt)
-            for completion in done:
+            head = model.tokenizer.decode(prompt) if body.echo else ""
+            for sample, completion in zip(request.samples, done):
                 usage["completion_tokens"] += len(completion.token_ids)
-                choices.append({"index": len(choices), "text": completion.text or "", "logprobs": None,
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = _completion_logprobs(model.tokenizer, prompt if body.echo else [],
+                                                    request.prompt_scores, sample.logprobs[:len(completion.token_ids)])
+                choices.append({"index": len(choices), "text": head + (completion.text or ""), "logprobs": logprobs,
                                 "finish_reason": FINISH[completion.finish_reason]})
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model.name, "choices": choices,
@@ -158,12 +214,15 @@ def build_app(models: dict[str, ServedModel], max_tokens_limit: int = 4096) -> F
         prompt = tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in body.messages],
                                        add_generation_prompt=True)
         cfg = generation(body, max(1, model.context - len(prompt)))
-        request_id, queue = await run(model, prompt, cfg, body.n, list(tokenizer.chat_stop_ids))
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        request_id, queue = await run(model, prompt, cfg, body.n, list(tokenizer.chat_stop_ids), logprobs=top)
         if body.stream:
             return _sse(_stream_chunks(model, request_id, queue, "chat.completion.chunk", body.n, prompt))
-        done = await _collect(model, request_id, queue)
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text or ""}, "logprobs": None,
-                    "finish_reason": FINISH[c.finish_reason]} for i, c in enumerate(done)]
+        done, request = await _collect(model, request_id, queue)
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text or ""},
+                    "logprobs": _chat_logprobs(tokenizer, sample.logprobs[:len(c.token_ids)]) if body.logprobs
+                    else None, "finish_reason": FINISH[c.finish_reason]}
+                   for i, (sample, c) in enumerate(zip(request.samples, done))]
         generated = sum(len(c.token_ids) for c in done)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model.name, "choices": choices,
@@ -184,18 +243,48 @@ def _prompt_list(prompt: Any, tokenizer: Any) -> list[list[int]]:
     return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
-async def _collect(model: ServedModel, request_id: str, queue: Any) -> list[Any]:
-    """Wait for a request's Completions; a client that goes away meanwhile has its request aborted."""
+async def _collect(model: ServedModel, request_id: str, queue: Any) -> tuple[list[Any], Any]:
+    """Wait for a request's Completions and its engine Request (log-probabilities); a client that goes away
+    meanwhile has its request aborted."""
     try:
         while True:
             item = await queue.get()
             if isinstance(item, Exception):
                 raise item
-            if isinstance(item, list):
+            if isinstance(item, tuple):
                 return item
     except BaseException:
         model.engine.abort(request_id)
         raise
+
+
+def _completion_logprobs(tokenizer: Any, echoed: list[int], prompt_scores: list[Any],
+                         scores: list[Any]) -> dict[str, Any]:
+    """The completions API's logprobs object: tokens, token_logprobs, top_logprobs and text_offset, the echoed
+    prompt's first (whose first token has no log-probability: None) and then the generated tokens'."""
+    tokens, values, tops = [], [], []
+    for position, token in enumerate(echoed):
+        score = prompt_scores[position - 1] if position else None
+        tokens.append(token)
+        values.append(score.logprob if score else None)
+        tops.append({tokenizer.decode([t]): v for t, v in score.top.items()} if score else None)
+    for score in scores:
+        tokens.append(score.token)
+        values.append(score.logprob)
+        tops.append({tokenizer.decode([t]): v for t, v in score.top.items()})
+    texts = [tokenizer.decode([t]) for t in tokens]
+    offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    return {"tokens": texts, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(tokenizer: Any, scores: list[Any]) -> dict[str, Any]:
+    """The chat API's logprobs object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def entry(token: int, value: float) -> dict[str, Any]:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(t, v) for t, v in s.top.items()]}
+                        for s in scores]}
 
 
 async def _stream_chunks(model: ServedModel, request_id: str, queue: Any, kind: str, n: int,
@@ -223,7 +312,7 @@ async def _stream_chunks(model: ServedModel, request_id: str, queue: Any, kind: 
             item = await queue.get()
             if isinstance(item, Exception):
                 raise item
-            if isinstance(item, list):
+            if isinstance(item, tuple):
                 finished = True
                 return
             if item.text or item.finished:
