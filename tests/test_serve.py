@@ -205,3 +205,55 @@ def test_logprobs_echo_and_tokenizer_endpoints(server, client, base):
     content = chat.choices[0].logprobs.content
     assert len(content) >= 1 and all(len(c.top_logprobs) == 2 for c in content)
     assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)  # greedy: the most likely
+
+
+def test_embeddings_and_metrics(server, client, base):
+    import torch
+
+    out = client.embeddings.create(model="tiny", input=["the cat", "a dog is a friend"])
+    model, tokenizer = load_with_tokenizer(base)
+    with torch.no_grad():
+        want = model.hidden_states(torch.tensor([tokenizer.encode("the cat")]))[0].mean(dim=0)
+    want = torch.nn.functional.normalize(want, dim=0)
+    assert len(out.data) == 2 and out.data[0].embedding == pytest.approx(want.tolist(), abs=1e-5)
+    text = httpx.get(server[1] + "/metrics").text
+    for name in ("lmforge_requests_total", "lmforge_request_seconds_bucket", "lmforge_kv_cache_usage",
+                 "lmforge_queue_depth", "lmforge_generation_tokens_total", "lmforge_prefix_cache_hit_rate"):
+        assert name in text
+    assert 'path="/v1/embeddings",status="200"' in text
+
+
+def test_api_keys_rate_limit_and_request_size(base, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# one key a line\nsecret-b\n")
+    port = free_port()
+    srv = make_server(ServeConfig(model=[str(base)], name=["tiny"], port=port, api_key=["secret-a"],
+                                  api_keys_file=str(keys), rate_limit=3, max_request_bytes=2000))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        body = {"model": "tiny", "prompt": "the", "max_tokens": 2}
+        denied = httpx.post(url + "/v1/completions", json=body)
+        assert denied.status_code == 401 and denied.json()["error"]["type"] == "authentication_error"
+        assert httpx.post(url + "/v1/completions", json=body, headers={"authorization": "Bearer wrong"}
+                          ).status_code == 401
+        assert httpx.get(url + "/health").status_code == 200  # open
+        ok = openai.OpenAI(base_url=url + "/v1", api_key="secret-b")
+        assert ok.completions.create(**body).choices
+        for _ in range(2):
+            ok.completions.create(**body)
+        with pytest.raises(openai.RateLimitError):  # a 4th request within the minute
+            openai.OpenAI(base_url=url + "/v1", api_key="secret-b", max_retries=0).completions.create(**body)
+        other = openai.OpenAI(base_url=url + "/v1", api_key="secret-a", max_retries=0)
+        assert other.completions.create(**body).choices  # the limit is per key
+        big = httpx.post(url + "/v1/completions", json={**body, "prompt": "the " * 1000},
+                         headers={"authorization": "Bearer secret-a"})
+        assert big.status_code == 413 and "at most 2000" in big.json()["error"]["message"]
+        assert "access-control-allow-origin" not in httpx.options(
+            url + "/v1/completions", headers={"origin": "http://x", "access-control-request-method": "POST"}).headers
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)

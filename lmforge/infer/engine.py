@@ -139,7 +139,7 @@ class Engine:
         self.prefix_caching = prefix_caching
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        self.steps = self.tokens_fed = 0
+        self.steps = self.tokens_fed = self.tokens_generated = 0
 
     # ---- requests -------------------------------------------------------------------------------------------
 
@@ -268,6 +268,7 @@ class Engine:
         """Add a sampled token to its sequence, decide whether the sample is done, and say what it produced."""
         seq, request = sample.seq, sample.seq.owner
         seq.tokens.append(token)
+        self.tokens_generated += 1
         scores = None
         if request.logprobs is not None:
             scores = token_logprobs(logits, [token], request.logprobs)
@@ -365,13 +366,16 @@ class Engine:
         return _completion(sample.generated, request.eos_ids, sample.stream, self.tokenizer)
 
     def stats(self) -> dict[str, Any]:
-        """KV memory allocated and used (now and at peak), prefix-cache hit rate, preemptions, steps."""
+        """KV memory allocated and used (now and at peak), prefix-cache hit rate, preemptions, steps, tokens fed
+        and generated, sequences waiting and running."""
         per_block = self.runner.bytes_per_block
         return {"kv_blocks": self.pool.num_blocks, "block_size": self.pool.block_size,
                 "kv_bytes_allocated": self.pool.num_blocks * per_block,
                 "kv_blocks_used": self.pool.num_used, "kv_blocks_peak": self.pool.peak_used,
                 "kv_bytes_peak": self.pool.peak_used * per_block, "prefix_cache_hit_rate": self.pool.hit_rate(),
-                "preemptions": self.scheduler.preemptions, "steps": self.steps, "tokens_fed": self.tokens_fed}
+                "preemptions": self.scheduler.preemptions, "steps": self.steps, "tokens_fed": self.tokens_fed,
+                "generated": self.tokens_generated, "waiting": len(self.scheduler.waiting),
+                "running": len(self.scheduler.running)}
 
 
 def engine_for(model: nn.Module, tokenizer: Any = None, cfg: Optional[GenerationConfig] = None,

@@ -20,6 +20,11 @@ class ServeConfig:
     max_batch_tokens: int = 512  # tokens each engine step feeds (decodes + prompt chunks)
     kv_cache_mb: float = 1024.0  # each model's paged KV cache, at most
     max_tokens_limit: int = 4096  # the largest max_tokens a request may ask for
+    api_key: list[str] = field(default_factory=list)  # accepted keys (Authorization: Bearer KEY); none: open
+    api_keys_file: str = ""  # a file of accepted keys, one per line (# comments)
+    rate_limit: float = 0.0  # requests per minute per key (or per client address without keys); 0 = no limit
+    max_request_bytes: int = 1_000_000  # a larger request body is refused (413)
+    cors_origins: list[str] = field(default_factory=list)  # origins allowed by CORS; none: CORS off
 
     def __post_init__(self) -> None:
         if self.name and len(self.name) != len(self.model):
@@ -28,3 +33,16 @@ class ServeConfig:
             raise ConfigError(f"serve port={self.port}: expected 0-65535")
         if self.max_seqs < 1 or self.max_batch_tokens < 1 or self.max_tokens_limit < 1:
             raise ConfigError("serve: max_seqs, max_batch_tokens and max_tokens_limit must be >= 1")
+        if self.rate_limit < 0 or self.max_request_bytes < 1:
+            raise ConfigError("serve: rate_limit must be >= 0 and max_request_bytes >= 1")
+
+    def keys(self) -> set[str]:
+        """The accepted API keys: --api_key values and the lines of --api_keys_file."""
+        keys = set(self.api_key)
+        if self.api_keys_file:
+            try:
+                lines = open(self.api_keys_file, encoding="utf-8").read().splitlines()
+            except OSError as exc:
+                raise ConfigError(f"serve api_keys_file={self.api_keys_file!r}: cannot read it ({exc.strerror})")
+            keys |= {line.strip() for line in lines if line.strip() and not line.strip().startswith("#")}
+        return keys

@@ -9,7 +9,10 @@ batch and free their blocks).
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
+import struct
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ class ServedModel:
     tokenizer: Any
     context: int
     created: int
+    lm: Any = None  # the model itself (embeddings run beside the engine)
 
 
 class _Sampling(BaseModel):
@@ -55,6 +59,15 @@ class CompletionRequest(_Sampling):
     prompt: Union[str, list[int], list[str], list[list[int]]]
     echo: bool = False  # the prompt before the completion (with its log-probabilities when logprobs is set)
     logprobs: Optional[int] = Field(default=None, ge=0, le=20)  # top-k log-probabilities per token
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 bytes (what openai asks)
+    user: Optional[str] = None
 
 
 class TokenizeRequest(BaseModel):
@@ -174,6 +187,20 @@ def build_app(models: dict[str, ServedModel], max_tokens_limit: int = 4096) -> F
             raise ApiError(400, f"tokens: every id must be in [0, {vocab})", "tokens")
         return {"prompt": chosen.tokenizer.decode(body.tokens)}
 
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
+        """The mean of the last layer's hidden states over each input's tokens, L2-normalized."""
+        model = served(body.model)
+        inputs = _prompt_list(body.input, model.tokenizer)
+        if any(not ids or len(ids) > model.context for ids in inputs):
+            raise ApiError(400, f"input: each needs 1 to {model.context} tokens (the model's context)", "input")
+        vectors = await asyncio.get_running_loop().run_in_executor(None, _embed, model.lm, inputs)
+        if body.encoding_format == "base64":
+            vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
+        return {"object": "list", "model": model.name,
+                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": sum(map(len, inputs)), "total_tokens": sum(map(len, inputs))}}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
         model = served(body.model)
@@ -230,6 +257,15 @@ def build_app(models: dict[str, ServedModel], max_tokens_limit: int = 4096) -> F
                           "total_tokens": len(prompt) + generated}}
 
     return app
+
+
+def _embed(lm: Any, inputs: list[list[int]]) -> list[list[float]]:
+    import torch
+
+    device = next(lm.parameters()).device
+    with torch.inference_mode():
+        vectors = [lm.hidden_states(torch.tensor([ids], device=device))[0].float().mean(dim=0) for ids in inputs]
+        return [torch.nn.functional.normalize(v, dim=0).tolist() for v in vectors]
 
 
 def _prompt_list(prompt: Any, tokenizer: Any) -> list[list[int]]:

@@ -37,7 +37,8 @@ def load_models(cfg: ServeConfig) -> dict[str, Any]:
         model.eval()
         engine = Engine(model, tokenizer, max_seqs=cfg.max_seqs, max_batch_tokens=cfg.max_batch_tokens,
                         kv_cache_mb=cfg.kv_cache_mb)
-        served[name] = ServedModel(name, EngineThread(engine), tokenizer, model.config.block_size, int(time.time()))
+        served[name] = ServedModel(name, EngineThread(engine), tokenizer, model.config.block_size, int(time.time()),
+                                   model)
     return served
 
 
@@ -47,8 +48,12 @@ def make_server(cfg: ServeConfig) -> Any:
 
     from lmforge.serve.openai_api import build_app
 
+    from lmforge.serve.guard import install
+
+    keys = cfg.keys()
     models = load_models(cfg)
     app = build_app(models, cfg.max_tokens_limit)
+    install(app, keys, cfg.rate_limit, cfg.max_request_bytes, cfg.cors_origins)
 
     app.router.on_shutdown.append(lambda: [model.engine.stop() for model in models.values()])
     return uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
