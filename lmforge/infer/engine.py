@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError, LmforgeError, PromptTooLongError
-from lmforge.infer.block_pool import BlockPool, OutOfBlocks
+from lmforge.infer.block_pool import BlockPool
 from lmforge.infer.config import GenerationConfig
 from lmforge.infer.generate import Completion, _completion, _push_row, _TextStream, stop_ids
 from lmforge.infer.paged import ChunkInput, PagedRunner, runnable_model
@@ -299,17 +299,14 @@ class Engine:
         leader = request.samples[0].seq
         full = len(request.prompt) // self.pool.block_size
         outputs = []
+        tail = len(request.prompt) % self.pool.block_size
         for _ in range(request.n - 1):
             sample = self._new_sample(request, list(request.prompt), queue=False)
             seq = sample.seq
-            tail = len(request.prompt) % self.pool.block_size
-            try:
-                if len(self.scheduler.running) >= self.scheduler.max_seqs:
-                    raise OutOfBlocks("no room for another running sequence")
-                fresh = self.pool.allocate(1) if tail else []
-            except OutOfBlocks:
+            if len(self.scheduler.running) >= self.scheduler.max_seqs or (tail and not self.pool.num_free):
                 self.scheduler.add(seq)
                 continue
+            fresh = self.pool.allocate(1) if tail else []
             self.pool.share(leader.block_table[:full])
             if fresh:
                 self.runner.copy_blocks([(leader.block_table[full], fresh[0])])

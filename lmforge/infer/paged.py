@@ -20,6 +20,7 @@ The new keys/values are written to their slots before attention reads them. The 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -88,6 +89,7 @@ class PagedRunner:
                               for c in chunks for p in range(c.start, c.start + len(c.tokens))],
                              dtype=torch.long, device=device)  # (N,) flat slot of each new token
         plan = _AttentionPlan(chunks, lengths, bs, device)
+        offsets = plan.offsets  # where each chunk's tokens start in the flattened row
 
         x = m.tok_emb(tokens)  # (N, d_model)
         rope = None
@@ -102,10 +104,10 @@ class PagedRunner:
             else:
                 x = block.attn_norm(x + self._attention(layer, block.attn, x, rope, slots, plan))
                 x = block.mlp_norm(x + block.mlp(x))
-        ends = torch.tensor([sum(lengths[:i + 1]) - 1 for i in sample_rows], dtype=torch.long, device=device)
+        ends = torch.tensor([offsets[i] + lengths[i] - 1 for i in sample_rows], dtype=torch.long, device=device)
         full = {}
         for i in every_position:  # the whole chunk through the head (a few prompts that asked for it)
-            start = sum(lengths[:i])
+            start = offsets[i]
             full[i] = m.lm_head(m.norm(x[start:start + lengths[i]]))  # (T_i, V)
         return m.lm_head(m.norm(x.index_select(0, ends))), full  # (R, V)
 
@@ -171,7 +173,7 @@ class _AttentionPlan:
 
     def __init__(self, chunks: Sequence[ChunkInput], lengths: list[int], block_size: int,
                  device: torch.device) -> None:
-        offsets = [sum(lengths[:i]) for i in range(len(chunks))]
+        self.offsets = offsets = [0, *itertools.accumulate(lengths)][:-1]
         # decoding sequences, shortest context first, in groups whose longest context is at most twice their
         # shortest: each group is padded to its own longest, not to the longest of the step
         decode = sorted((i for i, c in enumerate(chunks) if lengths[i] == 1), key=lambda i: chunks[i].start)

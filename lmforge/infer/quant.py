@@ -50,7 +50,7 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.io import atomic_write_json, load_safetensors, save_safetensors
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import CONFIG_FILE, Transformer
-from lmforge.peft.quant import QuantLinear
+from lmforge.peft.quant import QuantLinear, pack_int4, unpack_int4
 
 Scheme = Literal["int8", "int4"]
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu takes
@@ -86,16 +86,6 @@ def dequantize_int4(codes: Tensor, scales: Tensor, zeros: Tensor, dtype: torch.d
     grouped = codes.view(out_features, groups, -1).float() - 8  # (out, in/G, G)
     weights = torch.addcmul(zeros.float()[..., None], grouped, scales.float()[..., None])  # (out, in/G, G)
     return weights.reshape(out_features, -1).to(dtype)
-
-
-def pack_int4(codes: Tensor) -> Tensor:
-    """Two 4-bit codes per byte, (out, in) -> (out, in / 2) uint8: the even column in the low nibble."""
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
-
-
-def unpack_int4(packed: Tensor) -> Tensor:
-    """The inverse of pack_int4: (out, in / 2) uint8 -> codes (out, in) uint8."""
-    return torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(packed.shape[0], -1)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:

@@ -51,11 +51,21 @@ def quantize_nf4(weight: Tensor, group_size: int = 64) -> tuple[Tensor, Tensor]:
     normalized = (groups / absmax[..., None]).reshape(out_features, in_features).contiguous()
     levels = NF4_LEVELS.to(normalized.device)
     codes = torch.bucketize(normalized, (levels[1:] + levels[:-1]) / 2).to(torch.uint8)  # nearest level
-    return codes[:, 0::2] | (codes[:, 1::2] << 4), absmax
+    return pack_int4(codes), absmax
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """Two 4-bit codes per byte, (out, in) -> (out, in / 2) uint8: the even column in the low nibble."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """The inverse of pack_int4: (out, in / 2) uint8 -> codes (out, in) uint8."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(packed.shape[0], -1)
 
 
 def dequantize_nf4(packed: Tensor, absmax: Tensor, group_size: int, dtype: torch.dtype) -> Tensor:
-    codes = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(packed.shape[0], -1).long()  # (out, in)
+    codes = unpack_int4(packed).long()  # (out, in)
     values = NF4_LEVELS.to(packed.device)[codes].reshape(packed.shape[0], -1, group_size)
     return (values * absmax[..., None]).reshape(packed.shape[0], -1).to(dtype)
 

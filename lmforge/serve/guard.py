@@ -13,14 +13,12 @@ from collections import defaultdict
 from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
+
+from lmforge.serve.openai_api import error
 
 OPEN_PATHS = {"/health", "/metrics"}
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status)
 
 
 class Metrics:
@@ -50,26 +48,23 @@ class Metrics:
         lines += [f'lmforge_request_seconds_bucket{{le="+Inf"}} {self.latency["count"]}',
                   f"lmforge_request_seconds_sum {self.latency['sum']:.6f}",
                   f"lmforge_request_seconds_count {self.latency['count']}"]
-        gauges = {"lmforge_prompt_tokens_total": ("counter", "Prompt tokens fed to the model.", "tokens_fed"),
-                  "lmforge_engine_steps_total": ("counter", "Engine steps run.", "steps"),
-                  "lmforge_preemptions_total": ("counter", "Sequences preempted for want of KV blocks.",
-                                                "preemptions"),
-                  "lmforge_kv_cache_usage": ("gauge", "Fraction of the KV cache's blocks in use.", None),
-                  "lmforge_prefix_cache_hit_rate": ("gauge", "Prefix-cache hits over blocks looked up.",
-                                                    "prefix_cache_hit_rate"),
-                  "lmforge_queue_depth": ("gauge", "Sequences waiting to be admitted.", None),
-                  "lmforge_running_sequences": ("gauge", "Sequences in the running batch.", None),
-                  "lmforge_generation_tokens_total": ("counter", "Tokens generated.", None)}
+        gauges = {  # name: (type, help, the engine stats' key, or "kv_usage" derived from two of them)
+            "lmforge_prompt_tokens_total": ("counter", "Prompt tokens fed to the model.", "tokens_fed"),
+            "lmforge_generation_tokens_total": ("counter", "Tokens generated.", "generated"),
+            "lmforge_engine_steps_total": ("counter", "Engine steps run.", "steps"),
+            "lmforge_preemptions_total": ("counter", "Sequences preempted for want of KV blocks.", "preemptions"),
+            "lmforge_kv_cache_usage": ("gauge", "Fraction of the KV cache's blocks in use.", "kv_usage"),
+            "lmforge_prefix_cache_hit_rate": ("gauge", "Prefix-cache hits over blocks looked up.",
+                                              "prefix_cache_hit_rate"),
+            "lmforge_queue_depth": ("gauge", "Sequences waiting to be admitted.", "waiting"),
+            "lmforge_running_sequences": ("gauge", "Sequences in the running batch.", "running")}
+        stats_of = {}
+        for model_name, model in models.items():
+            stats = model.engine.stats()
+            stats_of[model_name] = {**stats, "kv_usage": stats["kv_blocks_used"] / stats["kv_blocks"]}
         for name, (kind, text, key) in gauges.items():
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-            for model_name, model in models.items():
-                stats = model.engine.stats()
-                value = {"lmforge_kv_cache_usage": stats["kv_blocks_used"] / stats["kv_blocks"],
-                         "lmforge_queue_depth": stats.get("waiting", 0),
-                         "lmforge_running_sequences": stats.get("running", 0),
-                         "lmforge_generation_tokens_total": stats.get("generated", 0)}.get(name)
-                value = stats[key] if key else value
-                lines.append(f'{name}{{model="{model_name}"}} {value}')
+            lines += [f'{name}{{model="{model_name}"}} {stats[key]}' for model_name, stats in stats_of.items()]
         return "\n".join(lines) + "\n"
 
 
@@ -101,14 +96,14 @@ def install(app: FastAPI, keys: set[str], rate_per_minute: float, max_bytes: int
             return await call_next(request)
         key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if keys and key not in keys:
-            return _error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
+            return error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > max_bytes:
-            return _error(413, f"the request body is {size} bytes; this server takes at most {max_bytes}",
+            return error(413, f"the request body is {size} bytes; this server takes at most {max_bytes}",
                           "invalid_request_error")
         client = key or (request.client.host if request.client else "unknown")
         if rate_per_minute and not allowed(client):
-            return _error(429, f"rate limit of {rate_per_minute:g} requests a minute reached; retry later",
+            return error(429, f"rate limit of {rate_per_minute:g} requests a minute reached; retry later",
                           "rate_limit_exceeded")
         return await call_next(request)
 

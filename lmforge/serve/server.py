@@ -19,6 +19,11 @@ from lmforge.errors import ConfigError
 from lmforge.serve.config import ServeConfig
 
 
+def served_names(cfg: ServeConfig) -> list[str]:
+    """The names clients give: --name, else each model dir's name."""
+    return cfg.name or [Path(m).resolve().name for m in cfg.model]
+
+
 def load_models(cfg: ServeConfig) -> dict[str, Any]:
     """name -> ServedModel for every model dir of cfg (each with its own engine thread)."""
     from lmforge.convert import load_with_tokenizer
@@ -28,7 +33,7 @@ def load_models(cfg: ServeConfig) -> dict[str, Any]:
 
     if not cfg.model:
         raise ConfigError("serve needs at least one model dir: lmforge serve MODEL_DIR [MODEL_DIR ...]")
-    names = cfg.name or [Path(m).resolve().name for m in cfg.model]
+    names = served_names(cfg)
     if len(set(names)) != len(names):
         raise ConfigError(f"serve: two models would be named alike ({', '.join(names)}); name them with --name")
     served = {}
@@ -71,6 +76,6 @@ def serve(cfg: ServeConfig) -> None:
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
     server.capture_signals = contextlib.nullcontext
-    print(f"serving {', '.join(cfg.name or [Path(m).resolve().name for m in cfg.model])} on "
+    print(f"serving {', '.join(served_names(cfg))} on "
           f"http://{cfg.host}:{cfg.port}/v1 (OpenAI API); Ctrl-C stops", file=sys.stderr, flush=True)
     server.run()
