@@ -17,13 +17,17 @@ them to requests: sampling parameters, stop conditions, streaming text, `n` samp
 share its full blocks (read-only, counted) and get a copy of its last, partly filled block, then draw their own
 first token from the same logits (seeded with seed + i when a seed is given). Greedy outputs equal `generate`'s for
 the same prompt alone, whatever else is in the batch (tested), up to float rounding in near-ties.
+
+Structured output: a request with a `constraint` (a lmforge.infer.constrain Grammar: a JSON schema, any JSON object,
+a regex) gives each of its samples a grammar state; their logits are masked to the tokens the grammar allows before
+the pick, and a sample whose grammar is complete ends there with finish_reason "stop".
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Generator, Optional, Sequence as Seq
+from typing import TYPE_CHECKING, Any, Generator, Optional, Sequence as Seq
 
 import torch
 from torch import nn
@@ -35,6 +39,9 @@ from lmforge.infer.generate import Completion, _completion, _push_row, _TextStre
 from lmforge.infer.paged import ChunkInput, PagedRunner, runnable_model
 from lmforge.infer.sampling import sample_next
 from lmforge.infer.scheduler import RUNNING, Scheduler, Sequence
+
+if TYPE_CHECKING:
+    from lmforge.infer.constrain import Grammar, GrammarState
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -81,6 +88,7 @@ class _Sample:
     present: Optional[torch.Tensor] = None  # (1, V) tokens seen, for the repetition penalty
     finish_reason: Optional[str] = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the generated tokens, when asked for
+    constraint: Optional["GrammarState"] = None  # where the sample is in its request's grammar
 
     @property
     def generated(self) -> list[int]:
@@ -100,6 +108,7 @@ class Request:
     logprobs: Optional[int] = None  # top-k log-probabilities of each generated token (0: the token's own only)
     prompt_logprobs: Optional[int] = None  # the same for every prompt token after the first
     prompt_scores: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.., when asked for
+    constraint: Optional["Grammar"] = None  # structured output: every sample's tokens follow this grammar
 
     @property
     def finished(self) -> bool:
@@ -145,12 +154,17 @@ class Engine:
 
     def add_request(self, prompt: str | Seq[int], cfg: Optional[GenerationConfig] = None, *, n: int = 1,
                     request_id: Optional[str] = None, eos_id: int | Seq[int] | None = None,
-                    logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None) -> str:
+                    logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None,
+                    constraint: Optional["Grammar"] = None) -> str:
         """Queue a prompt (text with a tokenizer, or token ids) for `n` samples; return its request id.
 
         logprobs=k: each RequestOutput carries its tokens' log-probabilities and the k most likely tokens' (0: the
         token's own only); prompt_logprobs=k: the same for the prompt's tokens after the first, in
-        `Request.prompt_scores` (such a prompt is computed in full: it takes no blocks from the prefix cache)."""
+        `Request.prompt_scores` (such a prompt is computed in full: it takes no blocks from the prefix cache).
+        constraint: a Grammar (lmforge.infer.constrain) every sample follows: tokens it forbids are never picked,
+        the request's eos ids only once the output is complete, and a sample whose grammar can take nothing more
+        ends with finish_reason "stop" (without an eos token). Log-probabilities still report the model's own,
+        unmasked distribution."""
         cfg = cfg or GenerationConfig()
         if cfg.stop and self.tokenizer is None:
             raise TypeError("engine: stop strings need a tokenizer")
@@ -166,6 +180,9 @@ class Engine:
                                      f"{self.context}; use at most {self.context - 1} prompt tokens")
         if n < 1:
             raise ConfigError(f"engine n={n}: expected at least 1 sample")
+        if constraint is not None and constraint.vocab_size != self.vocab_size:
+            raise ConfigError(f"engine constraint: built for vocab_size {constraint.vocab_size}, but the model has "
+                              f"{self.vocab_size}")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise LmforgeError(f"engine: request id {request_id!r} is already in use")
@@ -177,7 +194,7 @@ class Engine:
             if k is not None and not 0 <= k <= min(20, self.vocab_size):
                 raise ConfigError(f"engine {name}={k}: expected 0-{min(20, self.vocab_size)}")
         request = Request(request_id, prompt, cfg, stop_ids(eos_id, self.tokenizer, cfg), max_new, n,
-                          logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs, constraint=constraint)
         self.requests[request_id] = request
         self._new_sample(request, list(prompt), queue=True)
         return request_id
@@ -195,6 +212,8 @@ class Engine:
         if cfg.repetition_penalty != 1.0:
             sample.present = torch.zeros(1, self.vocab_size, dtype=torch.bool, device=self.runner.device)
             sample.present[0, torch.tensor(request.prompt, device=self.runner.device)] = True
+        if request.constraint is not None:  # a preempted sample keeps its state: recomputing feeds it nothing
+            sample.constraint = request.constraint.new_state(request.eos_ids)
         request.samples.append(sample)
         seq.sample = sample
         if queue:
@@ -256,12 +275,18 @@ class Engine:
         return outputs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """The next token of each sequence: greedy rows together, sampled rows with their own generator."""
+        """The next token of each sequence: greedy rows together, sampled rows with their own generator; a
+        constrained row picks from a masked copy of its logits (`logits` stay the model's, for logprobs)."""
         tokens = logits.argmax(dim=-1).tolist()
         for row, seq in enumerate(seqs):
             sample, cfg = seq.sample, seq.owner.cfg
+            row_logits = logits[row:row + 1]
+            if sample.constraint is not None:
+                row_logits = sample.constraint.mask_logits(row_logits.clone())
             if cfg.temperature != 0 or sample.present is not None:
-                tokens[row] = int(sample_next(logits[row:row + 1], cfg, sample.generator, sample.present)[0])
+                tokens[row] = int(sample_next(row_logits, cfg, sample.generator, sample.present)[0])
+            elif sample.constraint is not None:
+                tokens[row] = int(row_logits.argmax(dim=-1)[0])
         return tokens
 
     def _append(self, sample: _Sample, token: int, logits: torch.Tensor) -> RequestOutput:
@@ -280,11 +305,15 @@ class Engine:
             text, ended = _push_row(sample.stream, token, request.eos_ids)
         elif token in request.eos_ids:
             ended = True
+        complete = False  # the grammar can take nothing more: the sample ends without an eos token
+        if sample.constraint is not None:
+            sample.constraint.accept(token)
+            complete = not ended and sample.constraint.finished
         index = request.samples.index(sample)
-        if ended or seq.num_generated >= request.max_new:
+        if ended or complete or seq.num_generated >= request.max_new:
             if sample.stream is not None:
                 text += sample.stream.finish() if not sample.stream.stopped else ""
-            stopped = sample.stream is not None and sample.stream.stopped
+            stopped = complete or (sample.stream is not None and sample.stream.stopped)
             sample.finish_reason = "stop" if stopped else "eos" if ended else "length"
             self.scheduler.finish(seq)
         return RequestOutput(request.request_id, index, [token], text, sample.finish_reason is not None,
@@ -328,16 +357,20 @@ class Engine:
         """A request's samples as Completions (as generate makes them); removes a finished request."""
         request = self.requests[request_id]
         out = [_completion(s.generated, request.eos_ids, s.stream, self.tokenizer) for s in request.samples]
+        for completion, sample in zip(out, request.samples):
+            if sample.finish_reason == "stop":  # a complete grammar, which _completion cannot see in the tokens
+                completion.finish_reason = "stop"
         if request.finished:
             del self.requests[request_id]
         return out
 
     def generate(self, prompts: str | Seq[str] | Seq[Seq[int]], cfg: Optional[GenerationConfig] = None, *,
-                 eos_id: int | Seq[int] | None = None) -> list[Completion]:
-        """Every prompt through the engine at once; one Completion per prompt, in order (like generate())."""
+                 eos_id: int | Seq[int] | None = None, constraint: Optional["Grammar"] = None) -> list[Completion]:
+        """Every prompt through the engine at once; one Completion per prompt, in order (like generate());
+        `constraint`: every prompt's output follows this grammar (see add_request)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        ids = [self.add_request(p, cfg, eos_id=eos_id) for p in prompts]
+        ids = [self.add_request(p, cfg, eos_id=eos_id, constraint=constraint) for p in prompts]
         self.run_until_done(ids)
         return [self.completions(r)[0] for r in ids]
 
