@@ -57,7 +57,8 @@ def _finetune_train() -> TrainConfig:
 @dataclass
 class FinetuneDataSection:
     train: list[str] = field(default_factory=lambda: ["builtin"])  # JSONL files, or builtin: the built-in nli
-                                                                   # (entailment) or mc_define (multiple_choice)
+                                                                   # (entailment), mc_define (multiple_choice)
+                                                                   # or prompt-injection set (classify)
     val: list[str] = field(default_factory=list)  # held-out JSONL files; empty: val_fraction of the train files
                                                   # (builtin: its validation split)
     val_fraction: float = 0.05  # items held out (by a hash of their text) when no val files are given

@@ -12,8 +12,9 @@ A linear head on the extract token's final state (lmforge.model.heads) and L3 = 
 (lmforge.objectives.task_head), with full fine-tuning or any peft method. Data: JSONL items
 {"text", "label"} | {"premise", "hypothesis", "label"} | {"text_a", "text_b", "label"} |
 {"prompt" or "context", "choices", "label"}, or `builtin`: the built-in nli (entailment) or mc_define
-(multiple_choice) task. A sequence longer than seq_len keeps the end of its first segment. The final model dir holds
-the head (task_head.json + task_head.safetensors); `lmforge eval` scores the matching built-in task with it.
+(multiple_choice) task, or for classify the built-in prompt-injection set (lmforge.tasks.injection). A sequence
+longer than seq_len keeps the end of its first segment. The final model dir holds the head (task_head.json +
+task_head.safetensors); `lmforge eval` scores the matching built-in task with it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from lmforge.objectives.task_head import task_head_loss
 from lmforge.stages.config import FinetuneConfig
 from lmforge.stages.common import base_model, tokenizer_source
 from lmforge.tasks.formats import iter_jsonl
+from lmforge.tasks.injection import INJECTION_LABELS
 from lmforge.tasks.spec import NLI_LABELS
 from lmforge.train.distributed import close_distributed, init_distributed
 from lmforge.train.loop import Stage, train
@@ -81,8 +83,13 @@ def read_items(path: str, task: str) -> list[tuple[list[str], list[str], Any]]:
 def builtin_items(task: str, split: str, cache_dir: Optional[str], limit: int) -> list[Item]:
     from lmforge.tasks.builtin import load_rows
 
+    if task == "classify":  # generated, not cached: benign prompts vs injection attempts
+        from lmforge.tasks.injection import injection_rows
+
+        return [Item([r["text"]], r["label"]) for r in injection_rows(split)[:limit or None]]
     if task not in BUILTIN:
-        raise ConfigError(f"data.train builtin: the built-in data has {', '.join(BUILTIN)} tasks, not {task}")
+        raise ConfigError(f"data.train builtin: the built-in data has {', '.join(BUILTIN)} and classify (prompt "
+                          f"injection) tasks, not {task}")
     rows = load_rows(BUILTIN[task], split, cache_dir, limit or None)
     if task == "entailment":
         return [Item([r["vars"]["premise"], r["vars"]["hypothesis"]], r["label"]) for r in rows]
@@ -117,8 +124,11 @@ def load_items(cfg: FinetuneConfig) -> tuple[list[Item], list[Item], list[str]]:
     files = [f for f in data.train if f != "builtin"]
     raw_train = [x for f in files for x in read_items(f, cfg.task)]
     raw_val = [x for f in data.val for x in read_items(f, cfg.task)]
-    labels = label_names(cfg.task, [x[2] for x in raw_train + raw_val]) if files or data.val else \
-        (list(NLI_LABELS) if cfg.task == "entailment" else [])
+    builtin_labels = {"entailment": list(NLI_LABELS), "classify": list(INJECTION_LABELS)}.get(cfg.task, [])
+    labels = label_names(cfg.task, [x[2] for x in raw_train + raw_val]) if files or data.val else builtin_labels
+    if cfg.task == "classify" and "builtin" in data.train and labels != builtin_labels:
+        raise DataError(f"data.train: the built-in injection set has labels {builtin_labels}; the files' labels "
+                        f"{labels} differ (use the same, or leave builtin out)")
     train_items, val_items = to_items(raw_train, cfg.task, labels), to_items(raw_val, cfg.task, labels)
     if files and not data.val:
         held = [hash_fraction(repr((i.segments, i.choices)), data.val_fraction) for i in train_items]
