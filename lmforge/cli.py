@@ -108,6 +108,10 @@ COMMANDS: tuple[Command, ...] = (
     Command(("serve",), "lmforge.serve.config:ServeConfig", "lmforge.serve.server:serve",
             "serve model dirs over an OpenAI-compatible HTTP API (completions, chat, streaming) on the engine",
             "lmforge serve runs/sft/final --host 127.0.0.1 --port 8000", positionals=("model",)),
+    Command(("logs", "stats"), "lmforge.serve.logstats:LogsStatsConfig", "lmforge.serve.logstats:logs_stats",
+            "summarize the server's request logs (JSONL or SQLite, rotated): routes, errors, cache hits, tokens, "
+            "latency percentiles, guard counts",
+            "lmforge logs stats requests.jsonl --since 2025-01-31T00:00:00Z --model final", positionals=("log",)),
     Command(("convert",), "lmforge.convert:ConvertConfig", "lmforge.convert:convert",
             "convert between an lmforge model dir and a Hugging Face dir (GPT-2, LLaMA, Qwen2, Mistral)",
             "lmforge convert runs/wn/final hf/wn --to hf", positionals=("src", "dst")),

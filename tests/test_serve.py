@@ -257,3 +257,48 @@ def test_api_keys_rate_limit_and_request_size(base, tmp_path):
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
+
+
+def test_lora_adapters_are_served_by_name_beside_their_base(base, tmp_path):
+    """An adapter dir is served under its own name: its replies are the adapted model's, the base's stay the
+    base's; a prefix-tuning adapter (not run by the engine) is a one-line error."""
+    from lmforge.convert import load
+    from lmforge.errors import ConfigError
+    from lmforge.peft.config import PeftConfig
+    from lmforge.peft.files import save_adapter, wrap_base
+
+    import torch
+
+    for method in ("lora", "prefix"):
+        peft = wrap_base(load(base), PeftConfig(method=method, targets=["q", "v"], virtual_tokens=4), str(base))
+        with torch.no_grad():
+            for param in peft.trainable_parameters().values():
+                param.add_(torch.randn_like(param) * 0.5)
+        save_adapter(peft, tmp_path / method)
+        for name in ("tokenizer.json", "lmforge_tokenizer.json"):
+            if (base / name).is_file():
+                (tmp_path / method / name).write_bytes((base / name).read_bytes())
+    with pytest.raises(ConfigError, match="prefix"):
+        make_server(ServeConfig(model=[str(base), str(tmp_path / "prefix")], name=["base", "p"], port=free_port()))
+    port = free_port()
+    srv = make_server(ServeConfig(model=[str(base), str(tmp_path / "lora")], name=["base", "support-bot"],
+                                  port=port))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        while not srv.started:
+            time.sleep(0.05)
+        lora = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        assert sorted(m.id for m in lora.models.list().data) == ["base", "support-bot"]
+        for name, directory in (("base", base), ("support-bot", tmp_path / "lora")):
+            model, tokenizer = load_with_tokenizer(directory)
+            want = generate(model.eval(), ["the cat"], GenerationConfig(max_new_tokens=8, temperature=0.0),
+                            tokenizer)[0]
+            got = lora.completions.create(model=name, prompt="the cat", max_tokens=8, temperature=0)
+            assert got.choices[0].text == want.text, name
+            if name == "base":
+                base_text = want.text
+        assert want.text != base_text  # the adapter changes the replies
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
