@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -28,19 +30,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(base):
-    port = free_port()
-    srv = make_server(ServeConfig(model=[str(base)], name=["tiny"], port=port, max_tokens_limit=64))
+@contextlib.contextmanager
+def running(cfg: ServeConfig) -> Iterator[tuple[Any, str]]:
+    """make_server(cfg) running in a thread on a free port: (the uvicorn server, its base URL); stopped after."""
+    cfg.port = free_port()
+    srv = make_server(cfg)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started
-    yield srv, f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield srv, f"http://127.0.0.1:{cfg.port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(base):
+    with running(ServeConfig(model=[str(base)], name=["tiny"], max_tokens_limit=64)) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -280,15 +291,8 @@ def test_lora_adapters_are_served_by_name_beside_their_base(base, tmp_path):
                 (tmp_path / method / name).write_bytes((base / name).read_bytes())
     with pytest.raises(ConfigError, match="prefix"):
         make_server(ServeConfig(model=[str(base), str(tmp_path / "prefix")], name=["base", "p"], port=free_port()))
-    port = free_port()
-    srv = make_server(ServeConfig(model=[str(base), str(tmp_path / "lora")], name=["base", "support-bot"],
-                                  port=port))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    try:
-        while not srv.started:
-            time.sleep(0.05)
-        lora = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    with running(ServeConfig(model=[str(base), str(tmp_path / "lora")], name=["base", "support-bot"])) as (_, url):
+        lora = openai.OpenAI(base_url=url + "/v1", api_key="unused")
         assert sorted(m.id for m in lora.models.list().data) == ["base", "support-bot"]
         for name, directory in (("base", base), ("support-bot", tmp_path / "lora")):
             model, tokenizer = load_with_tokenizer(directory)
@@ -299,6 +303,3 @@ def test_lora_adapters_are_served_by_name_beside_their_base(base, tmp_path):
             if name == "base":
                 base_text = want.text
         assert want.text != base_text  # the adapter changes the replies
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)

@@ -15,7 +15,6 @@ import re
 import shutil
 import struct
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,32 +23,12 @@ import httpx
 import pytest
 
 from lmforge.serve.config import ServeConfig
-from lmforge.serve.server import make_server
 from lmforge.serve.webchat import PAGE_PATHS
+from test_serve import running
 
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium)")
 KEY = "sk-webchat-test"
-
-
-@contextlib.contextmanager
-def running(cfg: ServeConfig) -> Iterator[tuple[Any, str]]:
-    """make_server(cfg) running in a thread: (the uvicorn server, its base URL)."""
-    from test_serve import free_port
-
-    cfg.port = free_port()
-    srv = make_server(cfg)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    try:
-        yield srv, f"http://127.0.0.1:{cfg.port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
