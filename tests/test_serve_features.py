@@ -27,8 +27,8 @@ def served(base, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     cfg = ServeConfig(model=[str(base)], name=["tiny"], cache=str(root / "cache.sqlite"), semantic_cache=0.94,
                       log=str(root / "requests.jsonl"), redact_pii=True)
-    with running(cfg) as (_, url):
-        yield url, root
+    with running(cfg) as (srv, url):
+        yield url, root, srv
 
 
 SCHEMAS = [
@@ -101,7 +101,7 @@ def test_the_cache_answers_deterministic_requests_and_says_so(served):
 
 
 def test_every_request_is_logged_redacted_and_summarised(served):
-    url, root = served
+    url, root, _ = served
     httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "mail me at jo@example.com",
                                               "max_tokens": 4, "temperature": 0})
     with httpx.stream("POST", url + "/v1/completions", json={"model": "tiny", "prompt": "the cat", "max_tokens": 60,
@@ -236,3 +236,69 @@ def test_guardrails_block_injections_reask_constrain_and_refuse(base, tmp_path):
             # chat: two re-asks each; the completion: two regenerations under the regex's grammar, cut by max_tokens
             assert 'lmforge_guardrail_events_total{event="reasks"} 6' in metrics
             assert 'lmforge_guardrail_events_total{event="refused"} 3' in metrics
+
+
+def test_requests_that_used_to_break_the_server_are_refused_alone(served, monkeypatch):
+    """Out-of-vocabulary ids, huge seeds, a grammar failing mid-generation: a 400 for that request only; unknown
+    paths and methods in OpenAI's error shape; streamed logprobs refused; content parts and the developer role."""
+    from lmforge.infer.constrain import GrammarState
+    from lmforge.errors import LmforgeError
+
+    url = served[0]
+    for path, body in (("/v1/completions", {"model": "tiny", "prompt": [100000]}),
+                       ("/v1/completions", {"model": "tiny", "prompt": [[1, 2], [-5]]}),
+                       ("/v1/embeddings", {"model": "tiny", "input": [100000]}),
+                       ("/v1/completions", {"model": "tiny", "prompt": "x", "seed": 2**64}),
+                       ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 2, "stream": True}),
+                       ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                                 "response_format": {"type": "json_schema",
+                                                                     "json_schema": {"schema": {"$schema": []}}}})):
+        answer = httpx.post(url + path, json=body)
+        assert answer.status_code == 400 and "message" in answer.json()["error"], (path, body, answer.text)
+    assert httpx.get(url + "/v1/nothing").json()["error"]["type"] == "not_found_error"
+    assert httpx.get(url + "/v1/completions").status_code == 405
+    parts = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "max_tokens": 3, "messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "the "}, {"type": "text", "text": "cat"}]}]})
+    assert parts.status_code == 200
+
+    def failing(self, logits):
+        raise LmforgeError("grammar row too large")
+
+    monkeypatch.setattr(GrammarState, "mask_logits", failing)
+    broken = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 5,
+                                                       "response_format": {"type": "json_object"}})
+    assert broken.status_code == 400 and "grammar" in broken.json()["error"]["message"]
+    assert httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 5,
+                                                     "temperature": 0.3}).status_code == 200
+
+
+def test_a_client_that_leaves_a_whole_response_frees_its_sequence(served, monkeypatch):
+    url = served[0]
+    engine = served[2].config.app.state.models["tiny"].engine
+    step = engine.engine.step
+    monkeypatch.setattr(engine.engine, "step", lambda: (time.sleep(0.05), step())[1])
+    before = engine.stats()["generated"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 60,
+                                                  "temperature": 0.5}, timeout=0.4)
+    deadline = time.time() + 5
+    while engine.stats()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.stats()["running"] == 0 and engine.stats()["generated"] - before < 50
+
+
+def test_limits_hold_against_chunked_bodies_and_made_up_keys(base):
+    cfg = ServeConfig(model=[str(base)], name=["tiny"], max_request_bytes=2000, rate_limit=3, max_tokens_limit=8)
+    with running(cfg) as (_, url):
+        def chunks():
+            yield b'{"model": "tiny", "prompt": "'
+            for _ in range(30):
+                yield b"the cat " * 20
+            yield b'"}'
+
+        assert httpx.post(url + "/v1/completions", content=chunks()).status_code == 413
+        codes = [httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer made-up-{i}"},
+                            json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}).status_code
+                 for i in range(5)]
+    assert codes[:2] == [200, 200] and codes[-1] == 429  # one bucket per address; no max_tokens: within the limit

@@ -55,7 +55,7 @@ class RequestOutput:
     token_ids: list[int]  # tokens generated this step
     text: str  # text that became printable this step ('' without a tokenizer)
     finished: bool = False
-    finish_reason: Optional[str] = None  # eos | stop | length | abort
+    finish_reason: Optional[str] = None  # eos | stop | length | abort | error (see _Sample.error)
     logprobs: Optional[list["TokenLogprob"]] = None  # with add_request(logprobs=k): one per token of token_ids
 
 
@@ -89,6 +89,7 @@ class _Sample:
     finish_reason: Optional[str] = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the generated tokens, when asked for
     constraint: Optional["GrammarState"] = None  # where the sample is in its request's grammar
+    error: Optional[str] = None  # why the sample failed (its grammar could not be applied): finish_reason "error"
 
     @property
     def generated(self) -> list[int]:
@@ -180,6 +181,10 @@ class Engine:
                                      f"{self.context}; use at most {self.context - 1} prompt tokens")
         if n < 1:
             raise ConfigError(f"engine n={n}: expected at least 1 sample")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ConfigError(f"engine: prompt token ids must be in [0, {self.vocab_size}) (the model's vocabulary)")
+        if cfg.seed is not None and not -2**63 <= cfg.seed <= 2**64 - 1 - n:  # torch.Generator's range, per sample
+            raise ConfigError(f"engine seed={cfg.seed}: expected an integer in [-2**63, 2**64 - 1 - n]")
         if constraint is not None and constraint.vocab_size != self.vocab_size:
             raise ConfigError(f"engine constraint: built for vocab_size {constraint.vocab_size}, but the model has "
                               f"{self.vocab_size}")
@@ -281,8 +286,11 @@ class Engine:
         for row, seq in enumerate(seqs):
             sample, cfg = seq.sample, seq.owner.cfg
             row_logits = logits[row:row + 1]
-            if sample.constraint is not None:
-                row_logits = sample.constraint.mask_logits(row_logits.clone())
+            if sample.constraint is not None and sample.error is None:
+                try:
+                    row_logits = sample.constraint.mask_logits(row_logits.clone())
+                except LmforgeError as exc:  # this request's grammar, not the batch: only its sample fails
+                    sample.error = str(exc)
             if cfg.temperature != 0 or sample.present is not None:
                 tokens[row] = int(sample_next(row_logits, cfg, sample.generator, sample.present)[0])
             elif sample.constraint is not None:
@@ -306,11 +314,17 @@ class Engine:
         elif token in request.eos_ids:
             ended = True
         complete = False  # the grammar can take nothing more: the sample ends without an eos token
-        if sample.constraint is not None:
-            sample.constraint.accept(token)
+        if sample.constraint is not None and sample.error is None:
+            try:
+                sample.constraint.accept(token)
+            except LmforgeError as exc:
+                sample.error = str(exc)
             complete = not ended and sample.constraint.finished
         index = request.samples.index(sample)
-        if ended or complete or seq.num_generated >= request.max_new:
+        if sample.error is not None:
+            sample.finish_reason = "error"
+            self.scheduler.finish(seq)
+        elif ended or complete or seq.num_generated >= request.max_new:
             if sample.stream is not None:
                 text += sample.stream.finish() if not sample.stream.stopped else ""
             stopped = complete or (sample.stream is not None and sample.stream.stopped)
@@ -358,8 +372,8 @@ class Engine:
         request = self.requests[request_id]
         out = [_completion(s.generated, request.eos_ids, s.stream, self.tokenizer) for s in request.samples]
         for completion, sample in zip(out, request.samples):
-            if sample.finish_reason == "stop":  # a complete grammar, which _completion cannot see in the tokens
-                completion.finish_reason = "stop"
+            if sample.finish_reason in ("stop", "error"):  # a complete grammar or a failed one: not in the tokens
+                completion.finish_reason = sample.finish_reason
         if request.finished:
             del self.requests[request_id]
         return out

@@ -17,6 +17,7 @@ import queue as thread_queue
 import threading
 from typing import Any, Optional, Sequence
 
+from lmforge.errors import LmforgeError
 from lmforge.infer.config import GenerationConfig
 from lmforge.infer.engine import Engine
 
@@ -53,9 +54,11 @@ class EngineThread:
         self.work.set()
 
     def stop(self) -> None:
+        """End the thread; a request still waiting (the server drains them first) gets an error, not a hang."""
         self.stopping = True
         self.work.set()
         self.thread.join(timeout=10)
+        self._fail_all(LmforgeError("the server stopped before this request finished"))
 
     def stats(self) -> dict[str, Any]:
         return self.snapshot
@@ -64,16 +67,14 @@ class EngineThread:
         while not self.stopping:
             self.work.wait()
             self.work.clear()
-            self._drain_inbox()
-            while self.engine.has_unfinished() and not self.stopping:
-                try:
-                    outputs = self.engine.step()
-                except Exception as error:  # a bug, or the device failing: every waiting client gets it
-                    self._fail_all(error)
-                    break
-                self._deliver(outputs)
-                self.snapshot = self.engine.stats()
+            try:
                 self._drain_inbox()
+                while self.engine.has_unfinished() and not self.stopping:
+                    self._deliver(self.engine.step())
+                    self.snapshot = self.engine.stats()
+                    self._drain_inbox()
+            except Exception as error:  # a bug, or the device failing: every waiting client gets it, the thread
+                self._fail_all(error)    # lives on for the next requests
             self.snapshot = self.engine.stats()
 
     def _drain_inbox(self) -> None:
@@ -119,4 +120,6 @@ class EngineThread:
             self._send(request_id, error)
             self.engine.abort(request_id)
         self.queues.clear()
+        for request_id in list(self.engine.requests):  # requests whose client already left
+            self.engine.abort(request_id)
 

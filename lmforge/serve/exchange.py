@@ -1,8 +1,8 @@
 """One generation request's bookkeeping beside the engine: the guardrails' verdict on its input, the response
 cache (exact, then semantic), its timing, and the line it leaves in the request log.
 
-    exchange = Exchange(parts, model, route, body, http_request)
-    exchange.check_input(texts)                  # raises ApiError 400 (code prompt_injection) when blocked
+    exchange = Exchange(parts, model, route, body, client, http_request)
+    await exchange.check_input(messages)         # raises ApiError 400 (code prompt_injection) when blocked
     cached = await exchange.lookup()             # a response dict, or None
     ...generate...
     await exchange.store(response)
@@ -45,6 +45,8 @@ class ServerParts:
     semantic: dict[str, Any] = field(default_factory=dict)  # model name -> its semantic_cache.SemanticCache
     log: Any = None  # a request_log.RequestLog
     guardrails: Any = None  # a guardrails.Guardrails
+    guardrails_id: str = ""  # a hash of the guardrails file: part of the cache key (a hit must have passed them)
+    guard_grammars: dict[str, Any] = field(default_factory=dict)  # model name -> its validators' grammar or None
 
     def close(self) -> None:
         for part in (self.cache, *self.semantic.values(), self.log):
@@ -53,7 +55,8 @@ class ServerParts:
 
 
 class Exchange:
-    def __init__(self, parts: ServerParts, model: ServedModel, route: str, body: Any, client: str) -> None:
+    def __init__(self, parts: ServerParts, model: ServedModel, route: str, body: Any, client: str,
+                 http: Any = None) -> None:
         from lmforge.serve.cache import cacheable
 
         self.parts, self.model, self.route = parts, model, route
@@ -65,13 +68,14 @@ class Exchange:
             cacheable({k: v for k, v in self.body.items() if k != "stream"})
         self.cache_status = "miss" if self.cacheable else "off"
         self.guard: dict[str, Any] = {}
-        self.client = client
+        self.client, self.http = client, http  # http: the starlette Request (to see a client leave)
         self.record_id = uuid.uuid4().hex
+        self.logged = False
 
     # ---- guardrails -----------------------------------------------------------------------------------------
 
     async def check_input(self, messages: list[dict[str, Any]]) -> None:
-        """The prompt-injection detector on the request's user turns (a completion's prompts count as user turns):
+        """The prompt-injection detector on every turn of the request (a completion's prompts count as user turns):
         flags (the log and /metrics say so) or blocks."""
         guardrails = self.parts.guardrails
         if guardrails is None or not messages:
@@ -108,7 +112,7 @@ class Exchange:
     def _key(self) -> str:
         from lmforge.serve.cache import request_key
 
-        return request_key(self.model.fingerprint, self.route, self.body)
+        return request_key(self.model.fingerprint + self.parts.guardrails_id, self.route, self.body)
 
     async def lookup(self) -> Optional[dict[str, Any]]:
         """A cached response to this request (exact match first, then semantic), made fresh; None on a miss."""
@@ -124,7 +128,7 @@ class Exchange:
                 self.cache_status = "hit"
         semantic = self.parts.semantic.get(self.model.name)
         if found is None and semantic is not None:
-            where = semantic_parts(self.model.fingerprint, self.route, self.body)
+            where = semantic_parts(self.model.fingerprint + self.parts.guardrails_id, self.route, self.body)
             near = await asyncio.to_thread(semantic.lookup, *where) if where else None
             if near is not None:
                 found, similarity = near
@@ -141,7 +145,8 @@ class Exchange:
         if self.parts.cache is not None:
             await asyncio.to_thread(self.parts.cache.put, self._key(), response)
         semantic = self.parts.semantic.get(self.model.name)
-        where = semantic_parts(self.model.fingerprint, self.route, self.body) if semantic is not None else None
+        where = semantic_parts(self.model.fingerprint + self.parts.guardrails_id, self.route, self.body) \
+            if semantic is not None else None
         if where:
             await asyncio.to_thread(semantic.add, *where, response)
 
@@ -154,10 +159,11 @@ class Exchange:
 
     def done(self, status: int, outputs: Optional[list[str]] = None, prompt_tokens: int = 0,
              completion_tokens: int = 0, error: Optional[str] = None) -> None:
-        """Write the request's line in the request log (when there is one)."""
+        """Write the request's line in the request log (when there is one), once."""
         log = self.parts.log
-        if log is None:
+        if log is None or self.logged:
             return
+        self.logged = True
         from lmforge.serve.request_log import utc_now
 
         body = self.body

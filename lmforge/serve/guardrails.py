@@ -196,12 +196,13 @@ class Guardrails:
         return self._apply_mode(detection)
 
     def check_messages(self, messages: list[dict[str, Any]]) -> Detection:
-        """The injection verdict on a conversation: each user and tool turn is scored alone (a classifier keeps
-        the end of a long text, so one long turn must not hide another), and the highest score wins; the reasons
-        of every flagged turn are kept."""
+        """The injection verdict on a conversation: every turn is scored alone, whatever its role (the client
+        sends the system and assistant turns too, so any of them can carry an attack; a classifier keeps the end
+        of a long text, so one long turn must not hide another), and the highest score wins; the reasons of every
+        flagged turn are kept."""
         if self.detector is None:
             return Detection()
-        texts = [_content_text(m.get("content")) for m in messages if m.get("role") in ("user", "tool")]
+        texts = [_content_text(m.get("content")) for m in messages]
         detections = self.detector.score_many([t for t in texts if t])
         if not detections:
             return Detection()

@@ -8,6 +8,11 @@ Patterns run on the text after NFKC normalisation, with zero-width characters re
 collapsed (case is ignored); then on three variants, so simple obfuscations do not hide an attack: letter-spaced
 words joined ("i g n o r e" -> "ignore"), digits read as letters ("1gn0re" -> "ignore"), and the text reversed.
 Every base64 run that decodes to readable text is scanned the same way, and a long one is itself a reason.
+
+Only a text's first and last SCAN_CHARS characters are scanned (`head_and_tail`; an attack in the middle of a
+longer text is missed), and no pattern can match a stretch of text in more than a few ways (runs are possessive, and
+no two quantifiers next to each other take the same characters), so the time to scan a text grows linearly with its
+length up to that cap, whatever the text holds: about 0.1 s at most for 16,000 characters.
 """
 
 from __future__ import annotations
@@ -22,12 +27,20 @@ from typing import Any, Optional, Sequence
 
 from lmforge.errors import ConfigError
 
-_W = r"[\w'-]+"  # one word
+# A separator is a run of anything but word characters and sentence ends; a word starts with a word character and
+# runs on over the apostrophes and dashes in or after it ("don't", "so-called", "users'"). Both take ' and -, so each
+# run is possessive (taken whole, never given back): a text then splits into separators and words one way only and
+# a pattern cannot try the exponentially many splits of a run like "'-'-'-" (in which "ignore " + "'-" * 14 took
+# seconds, each further "'-" tripling the time).
+_SEP = r"[^\w.!?\n]++"
+_W = r"\w[\w'-]*+"
+_JOINED = r"(?:\w++['-]++)+?"  # the start of a word up to a ' or - inside it: "pre-" before "existing"
 
 
 def _gap(n: int) -> str:
-    """Up to `n` words between two parts of a pattern, within a sentence."""
-    return rf"(?:[^\w.!?\n]+{_W}){{0,{n}}}?[^\w.!?\n]+"
+    """Up to `n` words between two parts of a pattern, within a sentence; the second part may also begin inside
+    the last word, after a ' or - ("ignore all pre-existing instructions")."""
+    return rf"(?:{_SEP}{_W}){{0,{n - 1}}}?{_SEP}(?:{_W}{_SEP}|{_JOINED})??"
 
 
 _OVERRIDE_VERB = (r"(?:ignore|disregard|forget|discard|skip|override|overrule|bypass|abandon|drop|neglect|"
@@ -66,7 +79,7 @@ PATTERNS: tuple[tuple[str, str], ...] = (
                  r"revoked|obsolete|invalid|null|lifted|disabled|suspended|removed|turned\s+off|deactivated|no\s+"
                  r"longer\s+(?:valid|apply|applicable|in\s+effect)|(?:just\s+|only\s+)?a\s+test)\b"),
     ("new instructions", r"\b(?:new|updated|real|actual|true|revised)\s+(?:task|instructions?|directives?|orders?|"
-                         r"objective|system\s+prompt)\s*(?:is|are)?\s*:"),
+                         r"objective|system\s+prompt)\s*(?:(?:is|are)\s*)?:"),
     # reveal the system prompt or hidden instructions
     ("prompt leak", rf"\b{_LEAK_VERB}\b{_gap(6)}(?:your|the|its)\s+(?:\w+\s+){{0,2}}?{_SECRET}"),
     ("prompt leak", rf"\b(?:your|ur)\s+(?:\w+\s+){{0,2}}?{_SECRET}"),
@@ -126,11 +139,11 @@ PATTERNS: tuple[tuple[str, str], ...] = (
                        r"all\b|your\b)"),
     ("fake delimiter", r"\b(?:end|begin|start)\s+(?:of\s+)?(?:the\s+)?(?:user|system|admin)\s+(?:input|message|"
                        r"prompt|instructions?|turn|session)\b"),
-    ("fake delimiter", r"<!--[^>]*\b(?:ai|assistant|llm|model|chatbot|gpt)\b"),
+    ("fake delimiter", r"<!--[^<>]*\b(?:ai|assistant|llm|model|chatbot|gpt)\b"),
     # false authority and exfiltration
     ("false authority", r"\b(?:note|message|instructions?|attention|notice|memo)\s+(?:to|for)\s+(?:the\s+|any\s+|"
                         r"all\s+)?(?:ai|assistant|ai\s+assistant|language\s+model|llm|chatbot|model|bot|gpt)s?\b"),
-    ("false authority", r"\battention\s*,?\s*(?:ai|assistant|language\s+model|llm|chatbot)\b|\b(?:message|notice|"
+    ("false authority", r"\battention\s*(?:,\s*)?(?:ai|assistant|language\s+model|llm|chatbot)\b|\b(?:message|notice|"
                         r"update)\s+from\s+(?:the\s+|your\s+)?(?:developers?|system|admin(?:istrator)?s?|creators?|"
                         r"openai|anthropic)\b"),
     ("false authority", r"\b(?:authori[sz]ed|official|emergency|admin(?:istrator)?|security|system)\s+override\b|"
@@ -153,14 +166,18 @@ PATTERNS: tuple[tuple[str, str], ...] = (
                         r"reversed|obfuscated)\b|\b(?:encoded|base64|reversed|backwards)\b[^\n]{0,60}?\b(?:follow|"
                         r"obey|execute|carry\s+(?:it\s+)?out|do\s+what\s+it\s+says)\b"),
 )
-COMPILED = tuple((name, re.compile(pattern, re.IGNORECASE)) for name, pattern in PATTERNS)
+# The patterns are lower case and run on lower-cased text: the same matches as re.IGNORECASE, twice as fast.
+COMPILED = tuple((name, re.compile(pattern)) for name, pattern in PATTERNS)
+_IGNORECASE_I = {0x130: "i", 0x131: "i"}  # İ and ı: re.IGNORECASE takes them for i, str.lower() does not
 
 _ZERO_WIDTH = re.compile("[\u200b-\u200f\u2060-\u2064\ufeff\u00ad]")
 _SPACED = re.compile(r"\b(?:\w[ .*_-]){2,}\w\b")  # "i g n o r e", "i.g.n.o.r.e" (words apart by 2+ spaces)
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
 _TOKEN = re.compile(r"[\w@$]+")
+_LEET_CHAR = re.compile(r"[013457@$]")
 _BASE64 = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
 LONG_BASE64_CHARS = 200  # a readable base64 run at least this long is itself a reason to flag
+SCAN_CHARS = 8_000  # patterns see a longer text's first and last this many characters: bounded time per text
 
 
 @dataclass
@@ -181,9 +198,20 @@ def _clean(text: str) -> str:
     return text.replace("\u2018", "'").replace("\u2019", "'").replace("\u201c", '"').replace("\u201d", '"')
 
 
+def _collapse(text: str) -> str:
+    """Runs of spaces and tabs as one space."""
+    return re.sub(r"[^\S\n]+", " ", text)
+
+
 def normalise(text: str) -> str:
     """NFKC, zero-width characters removed, typographic quotes as ASCII, runs of spaces and tabs as one space."""
-    return re.sub(r"[^\S\n]+", " ", _clean(text))
+    return _collapse(_clean(text))
+
+
+def head_and_tail(text: str) -> str:
+    """`text` when it holds at most 2 * SCAN_CHARS characters, else its first and last SCAN_CHARS joined by a
+    newline (so no word or sentence runs across the cut)."""
+    return text if len(text) <= 2 * SCAN_CHARS else f"{text[:SCAN_CHARS]}\n{text[-SCAN_CHARS:]}"
 
 
 def _decoded_base64(text: str) -> list[tuple[int, str]]:
@@ -210,18 +238,26 @@ def _unleet(match: re.Match) -> str:
 
 def pattern_reasons(text: str) -> list[str]:
     """The patterns that match `text` or its variants (see the module docstring), as "pattern NAME: 'snippet'",
-    one per pattern name, in PATTERNS order."""
-    base = normalise(text)
-    despaced = normalise(_SPACED.sub(lambda m: re.sub(r"[ .*_-]", "", m.group()), _clean(text)))
+    one per pattern name, in PATTERNS order. Only `head_and_tail(text)` is scanned: an attack in the middle of a
+    text over 2 * SCAN_CHARS characters long is not seen, and the time per text is bounded."""
+    # Cut before NFKC to bound its work, and again after it: NFKC can turn one character into up to 18.
+    cleaned = head_and_tail(_clean(head_and_tail(text)))
+    base = _collapse(cleaned)
+    despaced = _collapse(_SPACED.sub(lambda m: re.sub(r"[ .*_-]", "", m.group()), cleaned))
     decoded = _decoded_base64(base)
-    variants = [("", base), ("", despaced), ("", _TOKEN.sub(_unleet, base)), ("reversed ", base[::-1]),
-                *[("base64 ", normalise(plain)) for _, plain in decoded]]
+    leet = _TOKEN.sub(_unleet, base) if _LEET_CHAR.search(base) else base
+    variants = [("", base), ("", despaced), ("", leet), ("reversed ", base[::-1])]
+    if decoded:  # all runs in one variant (fewer searches); ".\n" ends each run's sentence and line
+        variants.append(("base64 ", ".\n".join(normalise(plain) for _, plain in decoded)))
     reasons: dict[str, str] = {}
     for prefix, variant in dict.fromkeys(variants):  # most texts have no obfuscation: their variants repeat
+        lowered = variant.translate(_IGNORECASE_I).lower()  # as long as `variant`: spans match
         for name, pattern in COMPILED:
-            match = pattern.search(variant)
-            if match and f"{prefix}{name}" not in reasons:
-                snippet = " ".join(match.group().split())[:60]
+            if f"{prefix}{name}" in reasons:
+                continue
+            match = pattern.search(lowered)
+            if match:
+                snippet = " ".join(variant[match.start():match.end()].split())[:60]
                 reasons[f"{prefix}{name}"] = f"pattern {prefix}{name}: {snippet!r}" if snippet else \
                     f"pattern {prefix}{name}"
     if any(length >= LONG_BASE64_CHARS for length, _ in decoded):

@@ -68,7 +68,8 @@ class Metrics:
         self.requests[(path, status)] += 1
         self.latency.observe(seconds)
 
-    def render(self, models: dict[str, Any]) -> str:
+    def render(self, models: dict[str, Any], caches: tuple[Any, ...] = ()) -> str:
+        """The text of /metrics; `caches`: the response caches, whose hits, misses, errors and entries are added."""
         lines = ["# HELP lmforge_requests_total HTTP requests by path and status.",
                  "# TYPE lmforge_requests_total counter"]
         lines += [f'lmforge_requests_total{{path="{path}",status="{status}"}} {count}'
@@ -89,6 +90,10 @@ class Metrics:
                   "guardrails.", "# TYPE lmforge_guardrail_events_total counter"]
         lines += [f'lmforge_guardrail_events_total{{event="{event}"}} {count}'
                   for event, count in sorted(self.guard.items())]
+        if caches:
+            from lmforge.serve.cache import metric_lines
+
+            lines += metric_lines(list(caches))
         stats_of = {}
         for model_name, model in models.items():
             stats = model.engine.stats()

@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.config import GenerationConfig
@@ -34,6 +35,9 @@ from lmforge.serve.protocol import (FINISH, ApiError, ChatRequest, CompletionReq
                                     error, prompt_ids)
 
 __all__ = ["ServedModel", "ServerParts", "build_app"]
+
+MAX_GRAMMAR_CHARS = 100_000  # a response_format's JSON at most (compiling a grammar costs time in its size)
+DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 
 
 def build_app(models: dict[str, ServedModel], max_tokens_limit: int = 4096,
@@ -51,6 +55,11 @@ def build_app(models: dict[str, ServedModel], max_tokens_limit: int = 4096,
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404 path, 405 method
+        return error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else
+                     "invalid_request_error")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -73,36 +82,45 @@ def build_app(models: dict[str, ServedModel], max_tokens_limit: int = 4096,
         return served(name or "")
 
     def exchange(http: Request, route: str, body: Any, model: ServedModel) -> Exchange:
-        from lmforge.serve.request_log import client_id
-
         key = http.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        return Exchange(parts, model, route, body, client_id(key or (http.client.host if http.client else "")))
+        client = key or (http.client.host if http.client else "")
+        return Exchange(parts, model, route, body, parts.log.client_id(client) if parts.log else "", http)
 
     def generation(body: _Sampling, model: ServedModel, default_max: int) -> GenerationConfig:
-        max_tokens = body.max_completion_tokens or body.max_tokens or default_max
-        if max_tokens > parts.max_tokens_limit:
+        """The engine's settings for a request; without max_tokens, `default_max` within the server's limit."""
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is not None and max_tokens > parts.max_tokens_limit:
             raise ApiError(400, f"max_tokens={max_tokens} is above this server's limit {parts.max_tokens_limit}",
                            "max_tokens")
+        max_tokens = max_tokens or min(default_max, parts.max_tokens_limit)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if any(not s for s in stop):
             raise ApiError(400, "stop: every stop string must be non-empty", "stop")
         return GenerationConfig(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                 stop=stop, seed=body.seed)
 
-    def grammar(model: ServedModel, response_format: Optional[dict[str, Any]]) -> Any:
+    async def grammar(model: ServedModel, response_format: Optional[dict[str, Any]]) -> Any:
+        """The request's grammar, compiled off the event loop (a large schema takes seconds); any failure is the
+        request's fault: a 400 naming response_format."""
         from lmforge.infer.constrain import response_format_grammar
 
+        if response_format is None or response_format.get("type") == "text":
+            return None
+        if len(json.dumps(response_format)) > MAX_GRAMMAR_CHARS:
+            raise ApiError(400, f"response_format: at most {MAX_GRAMMAR_CHARS} characters of JSON",
+                           "response_format")
         try:
-            return response_format_grammar(model.tokenizer, model.lm.config.vocab_size, response_format)
-        except LmforgeError as exc:
-            raise ApiError(400, str(exc), "response_format") from None
+            return await asyncio.to_thread(response_format_grammar, model.tokenizer, model.lm.config.vocab_size,
+                                           response_format)
+        except Exception as exc:  # llguidance's and jsonschema's own errors too
+            raise ApiError(400, _one_line(str(exc)), "response_format") from None
 
     async def submit(model: ServedModel, prompt: list[int], cfg: GenerationConfig, n: int,
                      eos_id: Optional[list[int]], **options: Any) -> tuple[str, Any]:
         try:
             return await model.engine.submit(prompt, cfg, n=n, eos_id=eos_id, **options)
-        except (LmforgeError, TypeError) as exc:
-            raise ApiError(400, str(exc), "prompt") from None
+        except (LmforgeError, TypeError, ValueError, OverflowError) as exc:
+            raise ApiError(400, _one_line(str(exc)), "prompt") from None
 
     async def run(model: ServedModel, ex: Exchange, prompt: list[int], cfg: GenerationConfig, n: int,
                   eos_id: Optional[list[int]], **options: Any) -> tuple[list[Any], Any]:
@@ -139,7 +157,7 @@ def build_app(models: dict[str, ServedModel], max_tokens_limit: int = 4096,
     async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
         """The mean of the last layer's hidden states over each input's tokens, L2-normalized."""
         model = served(body.model)
-        inputs = prompt_ids(body.input, model.tokenizer)
+        inputs = prompt_ids(body.input, model.tokenizer, model.lm.config.vocab_size, "input")
         if any(not ids or len(ids) > model.context for ids in inputs):
             raise ApiError(400, f"input: each needs 1 to {model.context} tokens (the model's context)", "input")
         vectors = await asyncio.get_running_loop().run_in_executor(None, embed, model.lm, inputs)
@@ -155,16 +173,15 @@ def build_app(models: dict[str, ServedModel], max_tokens_limit: int = 4096,
     async def completions(body: CompletionRequest, http: Request) -> Any:
         model = served(body.model)
         cfg = generation(body, model, 16)
-        prompts = prompt_ids(body.prompt, model.tokenizer)
+        prompts = prompt_ids(body.prompt, model.tokenizer, model.lm.config.vocab_size)
         if len(prompts) != 1 and body.stream:
             raise ApiError(400, "stream takes one prompt", "prompt")
-        if body.stream and body.echo:
-            raise ApiError(400, "echo is not streamed: ask without stream", "echo")
-        constraint = grammar(model, body.response_format.model_dump(exclude_none=True)
-                             if body.response_format else None)
+        if body.stream and (body.echo or body.logprobs is not None):
+            raise ApiError(400, "echo and logprobs are not streamed: ask without stream", "stream")
+        constraint = await grammar(model, body.response_format.model_dump(exclude_none=True)
+                                   if body.response_format else None)
         ex = exchange(http, "/v1/completions", body, model)
-        await ex.check_input([{"role": "user", "content": p} for p in
-                              ([body.prompt] if isinstance(body.prompt, str) else body.prompt) if isinstance(p, str)])
+        await ex.check_input([{"role": "user", "content": model.tokenizer.decode(ids)} for ids in prompts])
         scores = {"logprobs": body.logprobs, "prompt_logprobs": body.logprobs if body.echo else None,
                   "constraint": constraint}
         cached = await ex.lookup()
@@ -178,20 +195,31 @@ def build_app(models: dict[str, ServedModel], max_tokens_limit: int = 4096,
             ex.done(200, [c["text"] for c in cached["choices"]], **_usage_counts(cached))
             return JSONResponse(cached, headers=ex.headers())
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
-        for prompt in prompts:
-            done, request = await run(model, ex, prompt, cfg, body.n, None, **scores)
+        submitted = []  # every prompt into the engine at once (batched), then collected in order
+        try:
+            for prompt in prompts:
+                submitted.append(await submit(model, prompt, cfg, body.n, None, **scores))
+        except ApiError:
+            for request_id, _ in submitted:
+                model.engine.abort(request_id)
+            raise
+        results = await asyncio.gather(*(_collect(model, request_id, queue, ex) for request_id, queue in submitted))
+        for prompt, (done, request) in zip(prompts, results):
             usage["prompt_tokens"] += len(prompt)
-            head = model.tokenizer.decode(prompt) if body.echo else ""
             for sample, completion in zip(request.samples, done):
                 usage["completion_tokens"] += len(completion.token_ids)
                 logprobs = None
                 if body.logprobs is not None:
                     logprobs = completion_logprobs(model.tokenizer, prompt if body.echo else [],
                                                    request.prompt_scores, sample.logprobs[:len(completion.token_ids)])
-                choices.append({"index": len(choices), "text": head + (completion.text or ""), "logprobs": logprobs,
+                choices.append({"index": len(choices), "text": completion.text or "", "logprobs": logprobs,
                                 "finish_reason": FINISH[completion.finish_reason]})
-        if parts.guardrails is not None:
+        if parts.guardrails is not None:  # on the completions themselves, not an echoed prompt
             usage["completion_tokens"] += await _guard_completions(model, ex, choices, prompts, cfg, body, run)
+        if body.echo:
+            per_prompt = len(choices) // len(prompts)
+            for i, choice in enumerate(choices):
+                choice["text"] = model.tokenizer.decode(prompts[i // per_prompt]) + choice["text"]
         response = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                     "model": model.name, "choices": choices,
                     "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
@@ -207,11 +235,13 @@ def build_app(models: dict[str, ServedModel], max_tokens_limit: int = 4096,
         tokenizer = model.tokenizer
         if tokenizer.chat_template is None:
             raise ApiError(400, f"model {model.name!r} has no chat template: use /v1/completions", "model")
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        messages = [m.as_turn() for m in body.messages]
         prompt = tokenizer.encode_chat(messages, add_generation_prompt=True)
         cfg = generation(body, model, max(1, model.context - len(prompt)))
-        constraint = grammar(model, body.response_format.model_dump(exclude_none=True)
-                             if body.response_format else None)
+        if body.stream and body.logprobs:
+            raise ApiError(400, "logprobs are not streamed: ask without stream", "stream")
+        constraint = await grammar(model, body.response_format.model_dump(exclude_none=True)
+                                   if body.response_format else None)
         ex = exchange(http, "/v1/chat/completions", body, model)
         await ex.check_input(messages)
         top = (body.top_logprobs or 0) if body.logprobs else None
@@ -261,16 +291,23 @@ def _usage_counts(response: dict[str, Any]) -> dict[str, int]:
     return {"prompt_tokens": usage.get("prompt_tokens", 0), "completion_tokens": usage.get("completion_tokens", 0)}
 
 
-def _guard_grammar(guardrails: Any, model: ServedModel) -> Any:
-    """The grammar of the validator constrained decoding can enforce (json_schema, else regex), or None."""
+def _guard_grammar(parts: ServerParts, model: ServedModel) -> Any:
+    """The grammar of the validator constrained decoding can enforce (json_schema, else regex), compiled once per
+    model; None when there is none or llguidance cannot enforce it (a Python-only regex, an unsupported keyword):
+    then a failing output goes to the guardrails' `then`."""
     from lmforge.infer.constrain import json_schema_grammar, regex_grammar
 
-    found = guardrails.constraint()
-    if found is None:
-        return None
-    kind, value = found
-    build = json_schema_grammar if kind == "json_schema" else regex_grammar
-    return build(model.tokenizer, model.lm.config.vocab_size, value)
+    if model.name not in parts.guard_grammars:
+        found, built = parts.guardrails.constraint(), None
+        if found is not None:
+            kind, value = found
+            try:
+                built = (json_schema_grammar if kind == "json_schema" else regex_grammar)(
+                    model.tokenizer, model.lm.config.vocab_size, value)
+            except LmforgeError:
+                built = None
+        parts.guard_grammars[model.name] = built
+    return parts.guard_grammars[model.name]
 
 
 async def _guarded(ex: Exchange, text: str, regenerate: Any) -> tuple[str, Optional[str], int]:
@@ -302,7 +339,7 @@ async def _guard_chat(model: ServedModel, ex: Exchange, choices: list[dict[str, 
     stop_ids, extra = list(model.tokenizer.chat_stop_ids), 0
 
     async def regenerate(action: str, text: str, problems: list[str]) -> Any:
-        constraint = _guard_grammar(ex.parts.guardrails, model) if action == "constrain" else None
+        constraint = _guard_grammar(ex.parts, model) if action == "constrain" else None
         conversation = ex.parts.guardrails.reask_messages(messages, text, problems) if action == "reask" \
             else messages
         prompt = model.tokenizer.encode_chat(conversation, add_generation_prompt=True)
@@ -329,7 +366,7 @@ async def _guard_completions(model: ServedModel, ex: Exchange, choices: list[dic
     per_prompt, extra = len(choices) // len(prompts), 0
     for i, choice in enumerate(choices):
         async def regenerate(action: str, text: str, problems: list[str]) -> Any:
-            constraint = _guard_grammar(ex.parts.guardrails, model)
+            constraint = _guard_grammar(ex.parts, model)
             if constraint is None or body.echo:
                 return None
             done, _ = await run(model, ex, prompts[i // per_prompt], cfg, 1, None, constraint=constraint)
@@ -342,19 +379,39 @@ async def _guard_completions(model: ServedModel, ex: Exchange, choices: list[dic
 
 
 async def _collect(model: ServedModel, request_id: str, queue: Any, ex: Exchange) -> tuple[list[Any], Any]:
-    """Wait for a request's Completions and its engine Request (log-probabilities); a client that goes away
-    meanwhile has its request aborted."""
+    """Wait for a request's Completions and its engine Request (log-probabilities). A client that goes away
+    meanwhile (checked every DISCONNECT_POLL_S) has its request aborted; a sample whose grammar failed fails the
+    request with a 400."""
+    gone = getattr(ex.http.state, "client_gone", None) if ex.http is not None else None
     try:
         while True:
-            item = await queue.get()
+            try:
+                item = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                item = None
+            if gone is not None and gone.is_set():
+                raise ApiError(499, "the client went away before the end")
+            if item is None:
+                continue
             if isinstance(item, Exception):
                 raise item
             if isinstance(item, tuple):
+                failed = [s.error for s in item[1].samples if s.error]
+                if failed:
+                    raise ApiError(400, f"the output's grammar could not be applied: {_one_line(failed[0])}",
+                                   "response_format")
                 return item
             ex.clock.tick(item.index, len(item.token_ids))
-    except BaseException:
+    except BaseException as exc:
         model.engine.abort(request_id)
+        if isinstance(exc, ApiError):
+            ex.done(exc.status, error=exc.message)
         raise
+
+
+def _one_line(message: str, limit: int = 300) -> str:
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[:limit - 3] + "..."
 
 
 def _usage_asked(body: _Sampling) -> bool:
@@ -385,7 +442,7 @@ async def _stream_chunks(model: ServedModel, request_id: str, queue: Any, kind: 
             choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
         return {"id": ident, "object": kind, "created": created, "model": model.name, "choices": [choice]}
 
-    finished = False
+    finished, failure = False, "the client went away before the end"
     try:
         if chat:
             for index in range(n):
@@ -403,15 +460,21 @@ async def _stream_chunks(model: ServedModel, request_id: str, queue: Any, kind: 
                     yield {"id": ident, "object": kind, "created": created, "model": model.name, "choices": [],
                            "usage": _usage(prompt_tokens, generated)}
                 return
+            if item.finish_reason == "error":
+                raise LmforgeError("the output's grammar could not be applied; the request was stopped")
             ex.clock.tick(item.index, len(item.token_ids))
             generated += len(item.token_ids)
             texts[item.index] += item.text or ""
             if item.text or item.finished:
                 yield chunk(item.index, item.text, FINISH[item.finish_reason] if item.finished else None)
+    except Exception as exc:
+        failure = _one_line(str(exc))
+        raise
     finally:
         if not finished:  # the client went away (or the engine failed): free the sequences
             model.engine.abort(request_id)
-            ex.done(499, texts, prompt_tokens, generated, error="the client went away before the end")
+            status = 499 if failure.startswith("the client went away") else 500
+            ex.done(status, texts, prompt_tokens, generated, error=failure)
 
 
 def _replay_stream(ex: Exchange, cached: dict[str, Any], include_usage: bool) -> StreamingResponse:
@@ -434,8 +497,9 @@ def _sse(chunks: AsyncIterator[dict[str, Any]], headers: Optional[dict[str, str]
         try:
             async for item in chunks:
                 yield f"data: {json.dumps(item)}\n\n"
-        except LmforgeError as exc:
-            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
+        except Exception as exc:  # the engine failed mid-stream: the client gets an error event, then [DONE]
+            kind = "invalid_request_error" if isinstance(exc, LmforgeError) else "server_error"
+            yield f"data: {json.dumps({'error': {'message': _one_line(str(exc)), 'type': kind}})}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

@@ -37,7 +37,7 @@ class _Sampling(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=16)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=-2**63, le=2**64 - 17)  # a torch.Generator's seed, one per sample
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
@@ -74,12 +74,24 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-class ChatMessage(BaseModel):
+class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """A turn; `content` a string or a list of text parts (joined); `developer` is OpenAI's newer name for system."""
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
     name: Optional[str] = None
+
+    def as_turn(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class ChatRequest(_Sampling):
@@ -105,16 +117,18 @@ class ApiError(Exception):
         return error(self.status, self.message, kind, self.param, self.code)
 
 
-def prompt_ids(prompt: Any, tokenizer: Any) -> list[list[int]]:
-    """The prompts of a completions request as token ids: a string, a list of strings, token ids, or lists of ids."""
+def prompt_ids(prompt: Any, tokenizer: Any, vocab_size: int, field: str = "prompt") -> list[list[int]]:
+    """The prompts of a completions request as token ids: a string, a list of strings, token ids, or lists of ids
+    (each id checked to be in the model's vocabulary)."""
     if isinstance(prompt, str):
         return [tokenizer.encode(prompt)]
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
     if not prompt:
-        raise ApiError(400, "prompt is empty", "prompt")
-    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
-
+        raise ApiError(400, f"{field} is empty", field)
+    prompts = [list(prompt)] if all(isinstance(p, int) for p in prompt) else \
+        [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    if any(not 0 <= t < vocab_size for ids in prompts for t in ids):
+        raise ApiError(400, f"{field}: token ids must be in [0, {vocab_size})", field)
+    return prompts
 
 
 def completion_logprobs(tokenizer: Any, echoed: list[int], prompt_scores: list[Any],

@@ -1,7 +1,8 @@
 """The server's request log: one record per request, appended to a JSONL or SQLite file, rotated, PII redacted.
 
     log = RequestLog("requests.jsonl", max_bytes=50_000_000, backups=5, redact=True)
-    log.write({"id": "chatcmpl-1", "route": "/v1/chat/completions", "model": "m", "status": 200, ...})
+    log.write({"id": "chatcmpl-1", "route": "/v1/chat/completions", "model": "m", "status": 200,
+               "client": log.client_id(api_key_or_address), ...})
     log.close()  # at shutdown: flushes what is queued
 
 A record is a dict (keys in RECORD_KEYS; any may be missing). `write` only queues it: a background thread formats,
@@ -23,11 +24,13 @@ from __future__ import annotations
 import datetime
 import glob
 import hashlib
+import hmac
 import json
 import logging
 import os
 import queue
 import re
+import secrets
 import sqlite3
 import threading
 from pathlib import Path
@@ -130,8 +133,20 @@ def _redact_content(content: Any) -> Any:
     return content
 
 
+def _redact_strings(value: Any) -> Any:
+    """`value` with every string in it redacted, through lists, tuples and the values of dicts."""
+    if isinstance(value, str):
+        return redact_pii(value)
+    if isinstance(value, (list, tuple)):
+        return [_redact_strings(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _redact_strings(item) for key, item in value.items()}
+    return value
+
+
 def redact_record(record: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `record` whose prompt (text, or chat messages' contents), outputs and error text are redacted."""
+    """A copy of `record` whose prompt (text, or chat messages' contents), outputs, error text and every string in
+    `guard` (its reasons quote the input, its problems the output) are redacted."""
     out = dict(record)
     prompt = out.get("prompt")
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
@@ -145,13 +160,19 @@ def redact_record(record: dict[str, Any]) -> dict[str, Any]:
         out["output"] = redact_pii(out["output"])
     if isinstance(out.get("error"), str):
         out["error"] = redact_pii(out["error"])
+    if "guard" in out:
+        out["guard"] = _redact_strings(out["guard"])
     return out
 
 
-def client_id(secret: str) -> str:
-    """A short stable pseudonym (12 hex digits of SHA-256) for an API key or a client address, for the `client`
-    field: requests of one client group together and the key itself is never written."""
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:12]
+def client_id(value: str, salt: bytes) -> str:
+    """A short pseudonym for an API key or a client address, for the `client` field: the first 12 hex digits of
+    HMAC-SHA256(key=salt, value). Requests of one client share it while the salt stays the same; without the salt
+    nobody can recover the value by hashing guesses (an unsalted hash of an IPv4 address falls to trying all 2^32).
+    An empty salt is a ValueError."""
+    if not salt:
+        raise ValueError("client_id: the salt must be non-empty bytes")
+    return hmac.new(salt, value.encode("utf-8"), hashlib.sha256).hexdigest()[:12]
 
 
 def utc_now() -> str:
@@ -184,8 +205,9 @@ class RequestLog:
     """Appends request records to `path` (.jsonl, or .sqlite/.sqlite3/.db) from a background thread.
 
     `write` is thread-safe and returns at once; `close` writes everything queued, then closes the file. With
-    `redact`, prompts, outputs and errors pass through `redact_pii` before they reach the disk. `dropped` counts
-    records refused because MAX_QUEUED were waiting, `failed` those the disk refused (both logged as warnings)."""
+    `redact`, prompts, outputs, errors and the guard's strings pass through `redact_pii` before they reach the disk
+    (`redact_record`). `dropped` counts records refused because MAX_QUEUED were waiting, `failed` those the disk
+    refused (both logged as warnings). `client_id` pseudonymises keys and addresses with a salt made per log."""
 
     def __init__(self, path: str | os.PathLike, max_bytes: int = 100_000_000, backups: int = 5,
                  redact: bool = False) -> None:
@@ -196,6 +218,7 @@ class RequestLog:
         self.max_bytes, self.backups, self.redact = max_bytes, backups, redact
         self._rotates = bool(max_bytes and backups)  # as RotatingFileHandler: either one 0 means never rotate
         self.dropped = self.failed = 0
+        self._client_salt = secrets.token_bytes(16)  # kept in memory only: the log alone cannot undo a pseudonym
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(MAX_QUEUED)
         self._closed = False
         self._lock = threading.Lock()  # orders close() against write() so nothing is queued after the sentinel
@@ -220,6 +243,11 @@ class RequestLog:
                 self.dropped += 1
                 if self.dropped == 1:
                     _log.warning("request log %s: writer behind by %d records; dropping", self.path, MAX_QUEUED)
+
+    def client_id(self, value: str) -> str:
+        """`client_id(value, salt)` with this log's random salt: one client keeps one pseudonym for as long as this
+        RequestLog lives (a server run); after a restart it gets another."""
+        return client_id(value, self._client_salt)
 
     def flush(self) -> None:
         """Wait until every record queued so far is written (and flushed or committed)."""

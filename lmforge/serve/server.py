@@ -9,6 +9,7 @@ uvicorn runs the app; SIGTERM or Ctrl-C stops accepting connections and lets the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import signal
 import sys
 import time
@@ -80,6 +81,7 @@ def make_parts(cfg: ServeConfig, models: dict[str, Any]) -> Any:
         from lmforge.serve.guardrails import load_guardrails
 
         parts.guardrails = load_guardrails(cfg.guardrails)
+        parts.guardrails_id = hashlib.sha256(Path(cfg.guardrails).read_bytes()).hexdigest()[:16]
     return parts
 
 
