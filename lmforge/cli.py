@@ -121,6 +121,10 @@ COMMANDS: tuple[Command, ...] = (
     Command(("quickstart",), "lmforge.quickstart:QuickstartConfig", "lmforge.quickstart:quickstart",
             "fetch WordNet, prepare it, train a tokenizer and a small LLaMA-style model, evaluate and sample",
             "lmforge quickstart --out_dir runs/quickstart --time_budget_s 480"),
+    Command(("speedrun",), "lmforge.speedrun:SpeedrunConfig", "lmforge.speedrun:speedrun",
+            "raw text to an aligned chat model in one time budget: data, tokenizer, pretrain, SFT, DPO, GRPO, "
+            "evals after each stage, a report with plots, and --serve for the web chat page (resumable)",
+            "lmforge speedrun --out_dir runs/speedrun --time_budget_s 1800 --serve true"),
 )
 
 # Repeatable options whose values are free text, never split on commas: `--prompt 'Hello, world'`, `--stop ','`.

@@ -16,7 +16,7 @@ LAYERS = [  # lowest first
     ("lmforge.stages",),
     ("lmforge.eval",),
     ("lmforge.serve",),
-    ("lmforge.cli", "lmforge.quickstart", "lmforge.__main__"),
+    ("lmforge.cli", "lmforge.quickstart", "lmforge.speedrun", "lmforge.speedrun_report", "lmforge.__main__"),
 ]
 
 
