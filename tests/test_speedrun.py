@@ -2,7 +2,6 @@
 docstrings and a synthetic WordNet/FreeDict cache: no network), with a simulated busy machine, resume after a
 kill, skipped stages and refused settings."""
 
-import gzip
 import json
 import os
 import re
@@ -18,7 +17,7 @@ from lmforge.cli import main
 from lmforge.errors import ConfigError
 from lmforge.speedrun import PRESETS, STAGES, TRAINING_STAGES, Speedrun, SpeedrunConfig, stage_budget
 
-from test_tasks import FREEDICT, write_wordnet
+from test_tasks import write_task_cache
 
 BUDGET_S = 60.0
 SHARES = {"pretrain": 0.45, "sft": 0.25, "dpo": 0.10, "grpo": 0.08}
@@ -79,13 +78,7 @@ def test_a_budget_too_small_for_pretraining_is_refused(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def task_cache(tmp_path_factory) -> Path:
     """A cache holding synthetic wordnet-base and dict-freedict-eng-deu packages: the built-in tasks, offline."""
-    cache = tmp_path_factory.mktemp("cache")
-    write_wordnet(cache / "debian/wordnet-base/usr/share/wordnet")
-    dictd = cache / "debian/dict-freedict-eng-deu/usr/share/dictd"
-    dictd.mkdir(parents=True)
-    with gzip.open(dictd / "freedict-eng-deu.dict.dz", "wt", encoding="utf-8") as f:
-        f.write(FREEDICT)
-    return cache
+    return write_task_cache(tmp_path_factory.mktemp("cache"))
 
 
 def args(out: Path, cache: Path, *extra: str) -> list[str]:

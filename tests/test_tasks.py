@@ -226,16 +226,19 @@ def write_wordnet(root: Path) -> Path:
     return root
 
 
-@pytest.fixture()
-def fake_cache(tmp_path) -> Path:
-    """A cache dir holding the two Debian packages, unpacked, with synthetic content (no download happens)."""
-    cache = tmp_path / "cache"
+def write_task_cache(cache: Path) -> Path:
+    """`cache` made to hold the two Debian packages, unpacked, with synthetic content (no download happens)."""
     write_wordnet(cache / "debian/wordnet-base/usr/share/wordnet")
     dictd = cache / "debian/dict-freedict-eng-deu/usr/share/dictd"
     dictd.mkdir(parents=True)
     with gzip.open(dictd / "freedict-eng-deu.dict.dz", "wt", encoding="utf-8") as f:
         f.write(FREEDICT)
     return cache
+
+
+@pytest.fixture()
+def fake_cache(tmp_path) -> Path:
+    return write_task_cache(tmp_path / "cache")
 
 
 def test_wordnet_line_parser():
