@@ -57,7 +57,8 @@ class ServerParts:
 class Exchange:
     def __init__(self, parts: ServerParts, model: ServedModel, route: str, body: Any, client: str,
                  http: Any = None) -> None:
-        from lmforge.serve.cache import cacheable
+        from lmforge.serve.cache import cacheable, request_key
+        from lmforge.serve.semantic_cache import semantic_parts
 
         self.parts, self.model, self.route = parts, model, route
         self.body = body.model_dump(exclude_none=True)
@@ -67,6 +68,11 @@ class Exchange:
         self.cacheable = (parts.cache is not None or model.name in parts.semantic) and \
             cacheable({k: v for k, v in self.body.items() if k != "stream"})
         self.cache_status = "miss" if self.cacheable else "off"
+        # where the request lives in the caches (the weights and the guardrails a cached answer passed), once
+        identity = model.fingerprint + parts.guardrails_id
+        self.key = request_key(identity, route, self.body) if self.cacheable and parts.cache is not None else None
+        self.semantic = parts.semantic.get(model.name) if self.cacheable else None
+        self.semantic_where = semantic_parts(identity, route, self.body) if self.semantic is not None else None
         self.guard: dict[str, Any] = {}
         self.client, self.http = client, http  # http: the starlette Request (to see a client leave)
         self.record_id = uuid.uuid4().hex
@@ -109,27 +115,19 @@ class Exchange:
 
     # ---- cache ----------------------------------------------------------------------------------------------
 
-    def _key(self) -> str:
-        from lmforge.serve.cache import request_key
-
-        return request_key(self.model.fingerprint + self.parts.guardrails_id, self.route, self.body)
-
     async def lookup(self) -> Optional[dict[str, Any]]:
         """A cached response to this request (exact match first, then semantic), made fresh; None on a miss."""
         from lmforge.serve.cache import replayed
-        from lmforge.serve.semantic_cache import semantic_parts
 
         if not self.cacheable:
             return None
         found = None
-        if self.parts.cache is not None:
-            found = await asyncio.to_thread(self.parts.cache.get, self._key())
+        if self.key is not None:
+            found = await asyncio.to_thread(self.parts.cache.get, self.key)
             if found is not None:
                 self.cache_status = "hit"
-        semantic = self.parts.semantic.get(self.model.name)
-        if found is None and semantic is not None:
-            where = semantic_parts(self.model.fingerprint + self.parts.guardrails_id, self.route, self.body)
-            near = await asyncio.to_thread(semantic.lookup, *where) if where else None
+        if found is None and self.semantic_where:
+            near = await asyncio.to_thread(self.semantic.lookup, *self.semantic_where)
             if near is not None:
                 found, similarity = near
                 self.cache_status = f"semantic {similarity:.4f}"
@@ -138,17 +136,12 @@ class Exchange:
 
     async def store(self, response: dict[str, Any]) -> None:
         """Keep a generated response for later identical (or, with the semantic cache, similar) requests."""
-        from lmforge.serve.semantic_cache import semantic_parts
-
         if not self.cacheable or self.guard.get("problems"):
             return
-        if self.parts.cache is not None:
-            await asyncio.to_thread(self.parts.cache.put, self._key(), response)
-        semantic = self.parts.semantic.get(self.model.name)
-        where = semantic_parts(self.model.fingerprint + self.parts.guardrails_id, self.route, self.body) \
-            if semantic is not None else None
-        if where:
-            await asyncio.to_thread(semantic.add, *where, response)
+        if self.key is not None:
+            await asyncio.to_thread(self.parts.cache.put, self.key, response)
+        if self.semantic_where:
+            await asyncio.to_thread(self.semantic.add, *self.semantic_where, response)
 
     def headers(self) -> dict[str, str]:
         from lmforge.serve.cache import CACHE_HEADER

@@ -170,13 +170,7 @@ class Guardrails:
     def grammar(self) -> Optional[str]:
         """The llguidance grammar of `constraint()` (a JSON string for llguidance.LLMatcher), or None."""
         constraint = self.constraint()
-        if constraint is None:
-            return None
-        from llguidance import LLMatcher
-
-        kind, value = constraint
-        return LLMatcher.grammar_from_json_schema(value) if kind == "json_schema" else \
-            LLMatcher.grammar_from_regex(value)
+        return None if constraint is None else _grammar_text(*constraint)
 
     def next_action(self, regenerations_done: int) -> str:
         """What to do with an answer that failed after `regenerations_done` re-asks or constrained regenerations:
@@ -286,6 +280,13 @@ def _phrases(value: Any, source: str, key: str) -> list[str]:
     return list(phrases)
 
 
+def _grammar_text(kind: str, value: Any) -> str:
+    """llguidance's grammar (a JSON string for LLMatcher) of a json_schema or regex validator."""
+    from llguidance import LLMatcher
+
+    return LLMatcher.grammar_from_json_schema(value) if kind == "json_schema" else LLMatcher.grammar_from_regex(value)
+
+
 def _check_constrainable(found: dict[str, Any], source: str) -> None:
     """on_fail constrain needs a validator that decoding can enforce, in a grammar llguidance accepts."""
     from llguidance import LLMatcher
@@ -293,9 +294,7 @@ def _check_constrainable(found: dict[str, Any], source: str) -> None:
     if "json_schema" not in found and "regex" not in found:
         raise ConfigError(f"{source}: on_fail: constrain needs a json_schema or regex validator to enforce")
     key = "json_schema" if "json_schema" in found else "regex"
-    grammar = LLMatcher.grammar_from_json_schema(found[key]) if key == "json_schema" else \
-        LLMatcher.grammar_from_regex(found[key])
-    problem = LLMatcher.validate_grammar(grammar)  # empty when llguidance accepts it
+    problem = LLMatcher.validate_grammar(_grammar_text(key, found[key]))  # empty when llguidance accepts it
     if problem:
         raise ConfigError(f"{source}: validators: the {key} cannot be enforced while decoding: "
                           f"{' '.join(problem.split())[:200]}")

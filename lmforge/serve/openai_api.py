@@ -40,9 +40,9 @@ MAX_GRAMMAR_CHARS = 100_000  # a response_format's JSON at most (compiling a gra
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 
 
-def build_app(models: dict[str, ServedModel], max_tokens_limit: int = 4096,
-              parts: Optional[ServerParts] = None) -> FastAPI:
-    parts = parts or ServerParts(max_tokens_limit=max_tokens_limit)
+def build_app(models: dict[str, ServedModel], parts: Optional[ServerParts] = None) -> FastAPI:
+    """The app serving `models`, with the caches, log, guardrails and limits of `parts` (none: ServerParts())."""
+    parts = parts or ServerParts()
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None)
     app.state.models, app.state.metrics, app.state.parts = models, parts.metrics, parts
 
